@@ -1,0 +1,307 @@
+"""Run a command inside the real-kernel lab: a Linux VM under QEMU (TCG) with an emulated IOMMU and a
+bochs VGA GPU driven by bochs-drm with fbcon, whose root is this machine's root filesystem (shared
+read-only over 9p, writable through overlayfs on tmpfs).
+
+The command runs as root in a chroot of that root, with the repository as its working directory (the
+same path as here). Files it writes to ``$LAB_OUT`` (``/lab-out``, also mounted at the run's results
+directory path) land in a fresh directory under ``build/lab/runs/`` on this machine.
+
+Standard library only, so it runs before the project's virtualenv exists::
+
+    from tests.lab.lab import run_in_lab          # or put tests/lab on sys.path
+    rc, output, out_dir = run_in_lab(["bash", "tests/lab/smoke.sh"], timeout=120)
+
+``tests/lab/run`` is the command-line front end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import IO, Iterator, Mapping, Sequence
+
+HERE = Path(__file__).resolve().parent
+TOP = HERE.parent.parent
+BUILD = TOP / "build" / "lab"
+
+BEGIN = "@@janus-lab: begin@@"
+END_RE = re.compile(r"@@janus-lab: end rc=(\d+)@@")
+FAILED_RE = re.compile(r"@@janus-lab: failed: (.*)@@")
+# SeaBIOS paints the serial console with terminal escapes before the kernel starts.
+ESCAPES_RE = re.compile(r"\x1b(\[[0-9;?]*[A-Za-z]|c)")
+
+# Exit statuses of a run that did not produce the command's own status.
+RC_TIMEOUT = 124
+RC_LAB_FAILED = 125
+
+
+@dataclasses.dataclass(frozen=True)
+class LabResult:
+    """What a lab run produced. Unpacks as ``(returncode, output, out_dir)``."""
+
+    returncode: int
+    output: str  # the command's output as seen on the lab console (kernel messages may interleave)
+    out_dir: Path  # results directory: the command's $LAB_OUT, plus console.log of the whole run
+    console: str  # the whole console, boot included
+    boot_seconds: float | None  # from starting QEMU to starting the command
+    total_seconds: float
+    message: str  # one line when the lab itself failed or timed out, else ""
+
+    def __iter__(self) -> Iterator[object]:
+        return iter((self.returncode, self.output, self.out_dir))
+
+
+class LabError(RuntimeError):
+    """The lab could not be built or started."""
+
+
+def build(stream: IO[str] | None = None, timeout: float = 300) -> dict[str, str]:
+    """Build (or reuse) the lab's initramfs and return build/lab/lab.env as a dict."""
+    proc = subprocess.run(
+        [str(HERE / "build")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if stream is not None and proc.stdout:
+        stream.write(proc.stdout)
+        stream.flush()
+    if proc.returncode != 0:
+        raise LabError(f"tests/lab/build failed with status {proc.returncode}:\n{proc.stdout}")
+    env = {}
+    for line in (BUILD / "lab.env").read_text().splitlines():
+        key, _, value = line.partition("=")
+        env[key] = value
+    return env
+
+
+def new_out_dir() -> Path:
+    """A fresh results directory under build/lab/runs/."""
+    runs = BUILD / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path(tempfile.mkdtemp(prefix=f"{stamp}-", dir=runs)).resolve()
+
+
+def command_script(argv: Sequence[str], cwd: Path, env: Mapping[str, str], host_out: Path) -> str:
+    """The bash script /init runs in the chroot: environment, working directory, then the command."""
+    lines = ["#!/bin/bash", "# Written by tests/lab/lab.py for one lab run."]
+    lines.append(f"export LAB_HOST_OUT={shlex.quote(str(host_out))}")
+    for key, value in env.items():
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise ValueError(f"bad environment variable name: {key!r}")
+        lines.append(f"export {key}={shlex.quote(value)}")
+    lines.append(f"cd {shlex.quote(str(cwd))} || exit {RC_LAB_FAILED}")
+    lines.append("exec " + " ".join(shlex.quote(a) for a in argv))
+    return "\n".join(lines) + "\n"
+
+
+def qemu_argv(lab: Mapping[str, str], out_dir: Path, mem: int, inner_timeout: int, verbose: bool) -> list[str]:
+    """QEMU command line: q35 with an emulated IOMMU, the bochs VGA at 00:02.0 and two 9p shares."""
+    append = [
+        "console=ttyS0",
+        "intel_iommu=on",
+        "panic=-1",  # a dead /init reboots, and -no-reboot turns that into QEMU exiting
+        f"lab.timeout={inner_timeout}",
+    ]
+    append += ["loglevel=7"] if verbose else ["quiet"]
+    return [
+        "qemu-system-x86_64",
+        "-M", "q35,kernel-irqchip=split",
+        "-accel", "tcg",  # KVM is not usable on our machines
+        "-device", "intel-iommu,intremap=on,caching-mode=on",
+        "-m", str(mem),
+        "-smp", "2",
+        "-nographic",
+        "-no-reboot",
+        "-kernel", lab["KERNEL"],
+        "-initrd", lab["INITRD"],
+        "-append", " ".join(append),
+        # Fixed addresses keep the PCI layout (and so the IOMMU group numbers: the GPU is group 2)
+        # the same as a machine with a NIC at 00:01.0 and the GPU at 00:02.0.
+        "-nic", "none",
+        "-netdev", "user,id=lan,restrict=on",
+        "-device", "e1000e,netdev=lan,addr=01.0,romfile=",  # no iPXE ROM: it only slows the boot
+        "-device", "VGA,addr=02.0",
+        "-fsdev", "local,id=host,path=/,security_model=none,readonly=on,multidevs=remap",
+        "-device", "virtio-9p-pci,fsdev=host,mount_tag=host,addr=03.0",
+        "-fsdev", f"local,id=out,path={out_dir},security_model=none,multidevs=remap",
+        "-device", "virtio-9p-pci,fsdev=out,mount_tag=out,addr=04.0",
+    ]
+
+
+def inner_timeout_for(timeout: float) -> int:
+    """Time the command gets inside the lab: the run's budget less room to boot and power off."""
+    return max(5, int(timeout - min(30, timeout / 3)))
+
+
+def run_in_lab(
+    argv: Sequence[str],
+    timeout: float = 300,
+    *,
+    mem: int = 1536,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | str | None = None,
+    out_dir: Path | str | None = None,
+    stream: IO[str] | None = None,
+    verbose: bool = False,
+) -> LabResult:
+    """Boot the lab, run ``argv`` in it and return its exit status, output and results directory.
+
+    ``timeout`` bounds the whole run (build, boot, command, power-off). ``stream`` receives the console
+    as it arrives. A timeout gives status 124, a lab that failed to boot 125; ``message`` says which.
+    """
+    if not argv:
+        raise ValueError("run_in_lab needs a command")
+    started = time.monotonic()
+    deadline = started + timeout
+    lab = build(stream if verbose else None, timeout=max(1.0, timeout))
+    out = Path(out_dir).resolve() if out_dir is not None else new_out_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    meta = out / ".lab"
+    meta.mkdir(exist_ok=True)
+    for stale in ("status", "failed"):
+        (meta / stale).unlink(missing_ok=True)
+    workdir = Path(cwd).resolve() if cwd is not None else TOP
+    (meta / "cmd.sh").write_text(command_script(argv, workdir, env or {}, out))
+    (meta / "hostpath").write_text(f"{out}\n")
+    remaining = deadline - time.monotonic()
+    inner = inner_timeout_for(remaining)
+    if stream is not None:
+        stream.write(f"lab: results in {out}\n")
+        stream.flush()
+
+    console: list[str] = []
+    begun = threading.Event()
+    boot_at: list[float] = []
+    log = (out / "console.log").open("w", encoding="utf-8")
+    proc = subprocess.Popen(
+        qemu_argv(lab, out, mem, inner, verbose),
+        stdin=subprocess.DEVNULL,  # QEMU would put a terminal on stdin into raw mode
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for raw in iter(proc.stdout.readline, b""):
+            line = raw.decode("utf-8", "replace").replace("\r\n", "\n").replace("\r", "")
+            if not begun.is_set():
+                line = ESCAPES_RE.sub("", line)
+                if BEGIN in line:
+                    boot_at.append(time.monotonic() - launched)
+                    begun.set()
+            console.append(line)
+            log.write(line)
+            if stream is not None:
+                stream.write(line)
+                stream.flush()
+
+    launched = time.monotonic()
+    reader = threading.Thread(target=pump, name="lab-console", daemon=True)
+    reader.start()
+    timed_out = False
+    try:
+        proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        proc.kill()
+        proc.wait(timeout=10)
+    finally:
+        reader.join(timeout=10)
+        log.close()
+    total = time.monotonic() - started
+
+    text = "".join(console)
+    output = ""
+    begin_at = text.find(BEGIN)
+    if begin_at >= 0:
+        body = text[begin_at + len(BEGIN) :].lstrip("\n")
+        end = END_RE.search(body)
+        output = body[: end.start()] if end else body
+
+    message = ""
+    status_file = meta / "status"
+    end = END_RE.search(text)
+    failed = FAILED_RE.search(text)
+    if status_file.exists() and status_file.read_text().strip().isdigit():
+        rc = int(status_file.read_text().strip())
+    elif end:
+        rc = int(end.group(1))
+    elif timed_out:
+        rc = RC_TIMEOUT
+        phase = "the command was still running" if begun.is_set() else "the lab had not finished booting"
+        message = f"lab: timed out after {timeout:.0f} s ({phase}); console in {out}/console.log"
+    else:
+        rc = RC_LAB_FAILED
+        why = failed.group(1) if failed else f"QEMU exited with status {proc.returncode} before the command ran"
+        message = f"lab: boot failed: {why}; console in {out}/console.log"
+    if not message and rc == RC_TIMEOUT and "timeout: sending signal" in output:
+        message = f"lab: the command timed out after {inner} s inside the lab"
+    boot = boot_at[0] if boot_at else None
+    return LabResult(rc, output, out, text, boot, total, message)
+
+
+def main(args: Sequence[str] | None = None) -> int:
+    """Command-line entry point of tests/lab/run."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="tests/lab/run",
+        description="Run COMMAND as root inside the real-kernel lab and exit with its status.",
+        usage="%(prog)s [--timeout SECONDS] [--mem MiB] [--out DIR] [--env KEY=VALUE]... -- COMMAND [ARGS...]",
+    )
+    parser.add_argument("--timeout", type=float, default=300, help="bound on the whole run (default 300 s)")
+    parser.add_argument("--mem", type=int, default=1536, help="lab memory in MiB (default 1536)")
+    parser.add_argument("--out", help="results directory (default: a fresh one under build/lab/runs/)")
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="set in the command's environment")
+    parser.add_argument("--cwd", help="working directory inside the lab (default: the repository)")
+    parser.add_argument("--verbose", action="store_true", help="full kernel log and build output")
+    parser.add_argument("command", nargs=argparse.REMAINDER)
+    opts = parser.parse_args(args)
+    command = opts.command[1:] if opts.command[:1] == ["--"] else opts.command
+    if not command:
+        parser.error("missing COMMAND (put it after --)")
+    env = {}
+    for item in opts.env:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--env needs KEY=VALUE, got {item!r}")
+        env[key] = value
+    try:
+        result = run_in_lab(
+            command,
+            opts.timeout,
+            mem=opts.mem,
+            env=env,
+            cwd=opts.cwd,
+            out_dir=opts.out,
+            stream=sys.stdout,
+            verbose=opts.verbose,
+        )
+    except (LabError, subprocess.TimeoutExpired, OSError) as err:
+        print(f"lab: cannot run the lab: {err}", file=sys.stderr)
+        return RC_LAB_FAILED
+    boot = f"{result.boot_seconds:.1f} s" if result.boot_seconds is not None else "n/a"
+    print(
+        f"lab: exit status {result.returncode}; boot {boot}, total {result.total_seconds:.1f} s; "
+        f"results in {result.out_dir}",
+        file=sys.stderr,
+    )
+    if result.message:
+        print(result.message, file=sys.stderr)
+    return result.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
