@@ -1,0 +1,25 @@
+"""One small class per kind of change. Importing this package registers every kind for the journal."""
+
+from janus_hooks.actions.base import Action, Context, action_from_json, wait_until
+from janus_hooks.actions.console import DetachFramebuffer, UnbindVtconsole
+from janus_hooks.actions.display import EndSession, RunDisplayCommands, StopUnit, WaitReleased
+from janus_hooks.actions.driver import VFIO_DRIVER, BindVfio, LoadModule, UnloadModule
+from janus_hooks.actions.memory import AllocateHugepages
+
+__all__ = [
+    "VFIO_DRIVER",
+    "Action",
+    "AllocateHugepages",
+    "BindVfio",
+    "Context",
+    "DetachFramebuffer",
+    "EndSession",
+    "LoadModule",
+    "RunDisplayCommands",
+    "StopUnit",
+    "UnbindVtconsole",
+    "UnloadModule",
+    "WaitReleased",
+    "action_from_json",
+    "wait_until",
+]

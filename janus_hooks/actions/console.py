@@ -1,0 +1,77 @@
+"""The host's text console on the GPU: fbcon vtconsoles and the boot framebuffer (efifb/simplefb/simpledrm)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from janus_hooks.actions.base import Action, Context, wait_until
+
+
+@dataclass(frozen=True)
+class UnbindVtconsole(Action):
+    kind = "unbind-vtconsole"
+    name: str  # vtcon0
+
+    def describe(self) -> str:
+        return f"unbind framebuffer console {self.name}"
+
+    def _bind_path(self, ctx: Context):
+        return ctx.host.vtconsole_dir(self.name) / "bind"
+
+    def capture(self, ctx: Context) -> dict[str, Any]:
+        con = ctx.host.vtconsole(self.name)
+        return {"bound": bool(con and con.bound)}
+
+    def apply(self, ctx: Context, old: dict[str, Any]) -> None:
+        con = ctx.host.vtconsole(self.name)
+        if con and con.bound:
+            ctx.host.kernel.write(self._bind_path(ctx), "0")
+
+    def verify(self, ctx: Context, old: dict[str, Any]) -> None:
+        def unbound() -> bool:
+            con = ctx.host.vtconsole(self.name)
+            return con is None or not con.bound
+
+        wait_until(ctx, unbound, ctx.config.timeouts.driver, f"{self.name} unbinding")
+
+    def revert(self, ctx: Context, old: dict[str, Any]) -> None:
+        if not old.get("bound"):
+            return
+        # fbcon's vtconsole disappears with the last framebuffer and returns when the driver binds again.
+        wait_until(ctx, lambda: ctx.host.vtconsole(self.name) is not None, ctx.config.timeouts.driver,
+                   f"{self.name} reappearing")
+        con = ctx.host.vtconsole(self.name)
+        if con is not None and not con.bound:
+            ctx.host.kernel.write(self._bind_path(ctx), "1")
+        wait_until(ctx, lambda: bool((c := ctx.host.vtconsole(self.name)) and c.bound),
+                   ctx.config.timeouts.driver, f"{self.name} binding")
+
+
+@dataclass(frozen=True)
+class DetachFramebuffer(Action):
+    kind = "detach-framebuffer"
+    device: str  # efi-framebuffer.0
+    driver: str  # efi-framebuffer, simple-framebuffer, simpledrm, vesa-framebuffer
+
+    def describe(self) -> str:
+        return f"detach boot framebuffer {self.device} from {self.driver}"
+
+    def capture(self, ctx: Context) -> dict[str, Any]:
+        return {"driver": ctx.host.framebuffer_driver(self.device)}
+
+    def apply(self, ctx: Context, old: dict[str, Any]) -> None:
+        if ctx.host.framebuffer_driver(self.device) == self.driver:
+            ctx.host.kernel.write(ctx.host.platform_driver_dir(self.driver) / "unbind", self.device)
+
+    def verify(self, ctx: Context, old: dict[str, Any]) -> None:
+        wait_until(ctx, lambda: ctx.host.framebuffer_driver(self.device) is None, ctx.config.timeouts.driver,
+                   f"{self.device} detaching from {self.driver}")
+
+    def revert(self, ctx: Context, old: dict[str, Any]) -> None:
+        driver = old.get("driver")
+        if not driver or ctx.host.framebuffer_driver(self.device) == driver:
+            return
+        ctx.host.kernel.write(ctx.host.platform_driver_dir(driver) / "bind", self.device)
+        wait_until(ctx, lambda: ctx.host.framebuffer_driver(self.device) == driver, ctx.config.timeouts.driver,
+                   f"{self.device} binding to {driver}")

@@ -1,0 +1,109 @@
+"""Freeing the GPU from its users: units, logind sessions, display-server commands, then a check."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from janus_hooks.actions.base import Action, Context, wait_until
+from janus_hooks.errors import StepFailed
+from janus_hooks.host.runner import check
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StopUnit(Action):
+    kind = "stop-unit"
+    unit: str
+
+    def describe(self) -> str:
+        return f"stop {self.unit}"
+
+    def capture(self, ctx: Context) -> dict[str, Any]:
+        return {"active": ctx.services.is_active(self.unit)}
+
+    def apply(self, ctx: Context, old: dict[str, Any]) -> None:
+        if old["active"]:
+            ctx.services.stop(self.unit, ctx.config.timeouts.unit_stop)
+
+    def verify(self, ctx: Context, old: dict[str, Any]) -> None:
+        wait_until(ctx, lambda: not ctx.services.is_active(self.unit), ctx.config.timeouts.unit_stop,
+                   f"{self.unit} stopping")
+
+    def revert(self, ctx: Context, old: dict[str, Any]) -> None:
+        if old.get("active") and not ctx.services.is_active(self.unit):
+            ctx.services.start(self.unit, ctx.config.timeouts.unit_stop)
+
+
+@dataclass(frozen=True)
+class EndSession(Action):
+    """A graphical logind session that holds the GPU. Nothing to undo: the display manager comes back."""
+
+    kind = "end-session"
+    session: str
+    user: int
+
+    def describe(self) -> str:
+        return f"end graphical session {self.session} of uid {self.user}"
+
+    def capture(self, ctx: Context) -> dict[str, Any]:
+        return {"present": any(s.id == self.session for s in ctx.host.sessions())}
+
+    def apply(self, ctx: Context, old: dict[str, Any]) -> None:
+        if old["present"]:
+            ctx.services.terminate_session(self.session, ctx.config.timeouts.unit_stop)
+
+    def verify(self, ctx: Context, old: dict[str, Any]) -> None:
+        wait_until(ctx, lambda: all(s.id != self.session for s in ctx.host.sessions()),
+                   ctx.config.timeouts.unit_stop, f"session {self.session} ending")
+
+
+@dataclass(frozen=True)
+class RunDisplayCommands(Action):
+    """Hosts without systemd: the configured argv lists that stop and start the display server.
+
+    Both commands must be idempotent (``sv down``/``sv up``, ``rc-service ... stop``): a crash between
+    journal and apply makes recovery run the start command on a server that may still run.
+    """
+
+    kind = "display-commands"
+    stop: tuple[str, ...]
+    start: tuple[str, ...]
+
+    def describe(self) -> str:
+        return f"stop the display server: {' '.join(self.stop)}"
+
+    def apply(self, ctx: Context, old: dict[str, Any]) -> None:
+        check(ctx.runner.run(self.stop, ctx.config.timeouts.unit_stop))
+
+    def revert(self, ctx: Context, old: dict[str, Any]) -> None:
+        check(ctx.runner.run(self.start, ctx.config.timeouts.unit_stop))
+
+
+@dataclass(frozen=True)
+class WaitReleased(Action):
+    """Nothing changes here: wait until no process holds the GPU's nodes, or name the one that does."""
+
+    kind = "wait-released"
+    nodes: tuple[str, ...]
+    shared_prefixes: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        return f"wait until no process holds {', '.join(self.nodes)}"
+
+    def _holders(self, ctx: Context) -> list:
+        return [
+            h for h in ctx.host.gpu_holders()
+            if h.node in self.nodes or any(h.node.startswith(p) for p in self.shared_prefixes)
+        ]
+
+    def apply(self, ctx: Context, old: dict[str, Any]) -> None:
+        try:
+            wait_until(ctx, lambda: not self._holders(ctx), ctx.config.timeouts.release, "the GPU being released")
+        except StepFailed as err:
+            holders = self._holders(ctx)
+            if not holders:
+                return
+            raise StepFailed(f"{holders[0].describe()} still holds the GPU") from err

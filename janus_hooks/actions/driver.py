@@ -1,0 +1,138 @@
+"""Host drivers and vfio-pci: module unloading in holders order, transient binding via driver_override."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from janus_hooks.actions.base import Action, Context, wait_until
+
+log = logging.getLogger(__name__)
+
+VFIO_DRIVER = "vfio-pci"
+
+
+def _devices_of_module(ctx: Context, module: str) -> dict[str, str]:
+    """PCI devices bound right now to a driver that ``module`` provides: {address: driver}."""
+    bound = {}
+    for address in ctx.host.pci_addresses():
+        driver = ctx.host.pci_driver(address)
+        if driver and ctx.host.pci_driver_module(driver) == module:
+            bound[address] = driver
+    return bound
+
+
+@dataclass(frozen=True)
+class UnloadModule(Action):
+    kind = "unload-module"
+    module: str
+
+    def describe(self) -> str:
+        return f"unload module {self.module}"
+
+    def capture(self, ctx: Context) -> dict[str, Any]:
+        return {"loaded": ctx.host.module_loaded(self.module), "bound": _devices_of_module(ctx, self.module)}
+
+    def apply(self, ctx: Context, old: dict[str, Any]) -> None:
+        if ctx.host.module_loaded(self.module):
+            ctx.host.kernel.unload_module(self.module)
+
+    def verify(self, ctx: Context, old: dict[str, Any]) -> None:
+        wait_until(ctx, lambda: not ctx.host.module_loaded(self.module), ctx.config.timeouts.module,
+                   f"module {self.module} unloading")
+
+    def revert(self, ctx: Context, old: dict[str, Any]) -> None:
+        if not old.get("loaded"):
+            return
+        if not ctx.host.module_loaded(self.module):
+            ctx.host.kernel.load_module(self.module)
+        for address, driver in old.get("bound", {}).items():
+            # Loading a module probes its devices; one whose driver_override was still set is probed again.
+            if ctx.host.pci_driver(address) is None:
+                ctx.host.kernel.write(ctx.host.pci_probe_path(), address)
+            wait_until(ctx, lambda a=address, d=driver: ctx.host.pci_driver(a) == d, ctx.config.timeouts.driver,
+                       f"{address} binding to {driver}")
+
+
+@dataclass(frozen=True)
+class LoadModule(Action):
+    kind = "load-module"
+    module: str
+
+    def describe(self) -> str:
+        return f"load module {self.module}"
+
+    def capture(self, ctx: Context) -> dict[str, Any]:
+        return {"loaded": ctx.host.module_loaded(self.module)}
+
+    def apply(self, ctx: Context, old: dict[str, Any]) -> None:
+        if not ctx.host.module_loaded(self.module):
+            ctx.host.kernel.load_module(self.module)
+
+    def verify(self, ctx: Context, old: dict[str, Any]) -> None:
+        wait_until(ctx, lambda: ctx.host.module_loaded(self.module), ctx.config.timeouts.module,
+                   f"module {self.module} loading")
+
+    def revert(self, ctx: Context, old: dict[str, Any]) -> None:
+        if old.get("loaded") or not ctx.host.module_loaded(self.module):
+            return
+        module = ctx.host.module(self.module.replace("-", "_"))
+        if module is not None and (module.refcnt or module.holders):
+            # Another VM's devices still use it: leaving it loaded is the right state, not a failure.
+            log.info("module %s stays loaded: still in use (refcnt %d)", self.module, module.refcnt)
+            return
+        ctx.host.kernel.unload_module(self.module)
+
+
+@dataclass(frozen=True)
+class BindVfio(Action):
+    """Transient binding: driver_override + drivers_probe; nothing persists past a reboot, new_id is never used."""
+
+    kind = "bind-vfio"
+    address: str
+
+    def describe(self) -> str:
+        return f"bind {self.address} to {VFIO_DRIVER}"
+
+    def capture(self, ctx: Context) -> dict[str, Any]:
+        return {
+            "driver": ctx.host.pci_driver(self.address),
+            "override": ctx.host.pci_driver_override(self.address),
+        }
+
+    def _unbind(self, ctx: Context) -> None:
+        driver = ctx.host.pci_driver(self.address)
+        if driver:
+            ctx.host.kernel.write(ctx.host.pci_driver_dir(driver) / "unbind", self.address)
+
+    def apply(self, ctx: Context, old: dict[str, Any]) -> None:
+        host = ctx.host
+        if host.pci_driver(self.address) == VFIO_DRIVER:
+            return
+        host.kernel.write(host.pci_dir(self.address) / "driver_override", VFIO_DRIVER)
+        self._unbind(ctx)
+        host.kernel.write(host.pci_probe_path(), self.address)
+
+    def verify(self, ctx: Context, old: dict[str, Any]) -> None:
+        # A probe "succeeds" even when nothing bound: the driver link is the only truth.
+        wait_until(ctx, lambda: ctx.host.pci_driver(self.address) == VFIO_DRIVER, ctx.config.timeouts.driver,
+                   f"{self.address} binding to {VFIO_DRIVER} (driver now: {ctx.host.pci_driver(self.address)})")
+
+    def revert(self, ctx: Context, old: dict[str, Any]) -> None:
+        host = ctx.host
+        old_driver, old_override = old.get("driver"), old.get("override")
+        if host.pci_driver_override(self.address) != old_override:
+            # An empty write clears driver_override (the kernel shows "(null)" again).
+            host.kernel.write(host.pci_dir(self.address) / "driver_override", old_override or "\n")
+        if host.pci_driver(self.address) == old_driver:
+            return
+        self._unbind(ctx)
+        if old_driver is None:
+            return
+        if not host.pci_driver_loaded(old_driver):
+            # Its module was unloaded; reloading it (a later revert) binds the device again.
+            return
+        host.kernel.write(host.pci_probe_path(), self.address)
+        wait_until(ctx, lambda: host.pci_driver(self.address) == old_driver, ctx.config.timeouts.driver,
+                   f"{self.address} binding back to {old_driver}")

@@ -1,0 +1,161 @@
+"""Domain XML -> DomainSpec: what a VM asks of the host (PCI hostdevs, memory, hugepages, janus profile). Pure."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from xml.etree import ElementTree
+
+
+from janus_hooks.errors import ConfigError
+
+PROFILE_NS = "https://janus-hooks.org/xmlns/profile/1"
+MODES = ("single-gpu", "passthrough")
+
+_UNIT_KIB = {
+    "b": 1 / 1024, "bytes": 1 / 1024, "k": 1, "kib": 1, "kb": 1000 / 1024,
+    "m": 1024, "mib": 1024, "mb": 1000 * 1000 / 1024,
+    "g": 1024**2, "gib": 1024**2, "gb": 1000**3 / 1024,
+    "t": 1024**3, "tib": 1024**3, "tb": 1000**4 / 1024,
+}
+
+
+@dataclass(frozen=True)
+class HostDev:
+    address: str  # 0000:01:00.0
+    managed: bool
+
+
+@dataclass(frozen=True)
+class HugepageRequest:
+    page_kb: int | None  # None: the host's default size
+    # Pages per host NUMA node; {None: n} means the global pool (the kernel spreads them).
+    per_node_kb: dict[int | None, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DomainSpec:
+    name: str
+    uuid: str
+    memory_kb: int
+    hostdevs: tuple[HostDev, ...]
+    hugepages: HugepageRequest | None
+    mode: str | None  # from <metadata><janus:profile mode=.../>, None when not marked
+
+
+def to_kib(value: str, unit: str | None) -> int:
+    """libvirt's memory units (KiB by default) as KiB."""
+    try:
+        factor = _UNIT_KIB[(unit or "KiB").lower()]
+    except KeyError as err:
+        raise ConfigError(f"unknown memory unit {unit!r}") from err
+    return int(int(value) * factor)
+
+
+def parse_nodeset(text: str) -> list[int]:
+    """libvirt nodesets: "0", "0-1", "0,2-3", "^1" excludes (only after a range)."""
+    nodes: set[int] = set()
+    excluded: set[int] = set()
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        target = excluded if part.startswith("^") else nodes
+        part = part.lstrip("^")
+        if "-" in part:
+            lo, hi = part.split("-", 1)
+            target.update(range(int(lo), int(hi) + 1))
+        else:
+            target.add(int(part))
+    return sorted(nodes - excluded)
+
+
+def _pci_address(addr) -> str:
+    def num(key: str) -> int:
+        value = addr.get(key, "0")
+        return int(value, 16) if value.lower().startswith("0x") else int(value)
+
+    return f"{num('domain'):04x}:{num('bus'):02x}:{num('slot'):02x}.{num('function'):x}"
+
+
+# libvirt never writes a DTD; refusing one closes entity expansion and external entities outright.
+_DTD = re.compile(r"<!\s*(DOCTYPE|ENTITY)", re.IGNORECASE)
+
+
+def parse_domain(xml: str) -> DomainSpec:
+    """Parse a libvirt domain definition (as libvirt hands it to hooks, or from ``virsh dumpxml``)."""
+    if _DTD.search(xml):
+        raise ConfigError("domain XML with a DOCTYPE or ENTITY declaration is refused")
+    try:
+        root = ElementTree.fromstring(xml)
+    except ElementTree.ParseError as err:
+        raise ConfigError(f"domain XML cannot be parsed: {err}") from err
+    if root.tag != "domain":
+        raise ConfigError(f"expected a <domain> document, got <{root.tag}>")
+    name = (root.findtext("name") or "").strip()
+    if not name:
+        raise ConfigError("domain XML has no <name>")
+
+    memory = root.find("memory")
+    memory_kb = to_kib(memory.text.strip(), memory.get("unit")) if memory is not None and memory.text else 0
+
+    hostdevs = []
+    for dev in root.findall("devices/hostdev"):
+        if dev.get("mode", "subsystem") != "subsystem" or dev.get("type") != "pci":
+            continue
+        addr = dev.find("source/address")
+        if addr is None:
+            raise ConfigError(f"VM {name!r}: a PCI <hostdev> has no source address")
+        hostdevs.append(HostDev(_pci_address(addr), dev.get("managed", "no") == "yes"))
+
+    mode = None
+    profile = root.find(f"metadata/{{{PROFILE_NS}}}profile")
+    if profile is not None:
+        mode = profile.get("mode", "single-gpu")
+        if mode not in MODES and mode != "none":
+            raise ConfigError(f"VM {name!r}: janus profile mode {mode!r} is not one of {', '.join(MODES)}")
+        if mode == "none":
+            mode = None
+
+    return DomainSpec(
+        name=name,
+        uuid=(root.findtext("uuid") or "").strip(),
+        memory_kb=memory_kb,
+        hostdevs=tuple(hostdevs),
+        hugepages=_hugepages(root, memory_kb),
+        mode=mode,
+    )
+
+
+def _hugepages(root, memory_kb: int) -> HugepageRequest | None:
+    backing = root.find("memoryBacking/hugepages")
+    if backing is None:
+        return None
+    page = backing.find("page")
+    page_kb = to_kib(page.get("size", "0"), page.get("unit")) if page is not None else None
+    cells = {
+        int(c.get("id", "0")): to_kib(c.get("memory", "0"), c.get("unit"))
+        for c in root.findall("cpu/numa/cell")
+    }
+    memnodes = {
+        int(m.get("cellid", "0")): parse_nodeset(m.get("nodeset", "0")) for m in root.findall("numatune/memnode")
+    }
+    numatune = root.find("numatune/memory")
+    host_nodes = parse_nodeset(numatune.get("nodeset", "")) if numatune is not None and numatune.get("nodeset") else None
+
+    per_node: dict[int | None, int] = {}
+    if cells and memnodes:
+        # Each guest cell is pinned to host node(s): reserve its memory there.
+        for cell, kb in cells.items():
+            nodes = memnodes.get(cell) or host_nodes
+            _spread(per_node, kb, nodes)
+    else:
+        _spread(per_node, memory_kb, host_nodes)
+    return HugepageRequest(page_kb, per_node)
+
+
+def _spread(per_node: dict[int | None, int], kb: int, nodes: list[int] | None) -> None:
+    """Divide ``kb`` evenly over ``nodes`` (the first nodes take the remainder); None: the global pool."""
+    if not nodes:
+        per_node[None] = per_node.get(None, 0) + kb
+        return
+    share, rest = divmod(kb, len(nodes))
+    for i, node in enumerate(nodes):
+        per_node[node] = per_node.get(node, 0) + share + (1 if i < rest else 0)

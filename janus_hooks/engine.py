@@ -1,0 +1,139 @@
+"""Runs a plan against the journal: capture -> journal -> apply -> verify, and replays journals backwards."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from janus_hooks.actions import Context
+from janus_hooks.errors import JournalError, StepFailed
+from janus_hooks.journal import JournalState, JournalStore, JournalWriter
+from janus_hooks.plan import Plan
+
+log = logging.getLogger(__name__)
+
+# Called with ("intent" | "applied" | "done", step index): lets tests stop the engine at any point.
+Observer = Callable[[str, int], None]
+
+
+def _no_observer(event: str, step: int) -> None:
+    return None
+
+
+@dataclass
+class StepTiming:
+    description: str
+    seconds: float
+
+
+@dataclass
+class RunReport:
+    vm: str
+    steps: list[StepTiming] = field(default_factory=list)
+    reverted: int = 0
+    skipped_after_reboot: int = 0
+
+
+class Engine:
+    """Applies plans and reverts journals; every transition holds the host-wide lock."""
+
+    def __init__(self, ctx: Context, store: JournalStore, observer: Observer = _no_observer) -> None:
+        self.ctx = ctx
+        self.store = store
+        self.observer = observer
+
+    def prepare(self, plan: Plan) -> RunReport:
+        """Apply ``plan``; on any failure revert what was done and raise StepFailed with one sentence."""
+        plan.raise_if_refused()
+        with self.store.lock(self.ctx.config.timeouts.lock, self.ctx.clock, self.ctx.sleep):
+            if self.store.exists(plan.vm):
+                # A start whose previous run never got its release (crash, killed libvirtd): undo that first.
+                log.warning("VM %s: reverting changes left by an earlier start", plan.vm)
+                self._replay(plan.vm)
+            return self._apply(plan)
+
+    def release(self, vm: str) -> RunReport:
+        """Revert everything the journal of ``vm`` records, newest first. No journal: nothing to do."""
+        with self.store.lock(self.ctx.config.timeouts.lock, self.ctx.clock, self.ctx.sleep):
+            return self._replay(vm)
+
+    def _apply(self, plan: Plan) -> RunReport:
+        report = RunReport(plan.vm)
+        with self.store.open_writer(plan.vm, self.ctx.host.boot_id(), plan.devices) as writer:
+            for index, action in enumerate(plan.actions):
+                start = self.ctx.clock()
+                try:
+                    old = action.capture(self.ctx)
+                    writer.intent(index, action, old)
+                    self.observer("intent", index)
+                    result = action.apply(self.ctx, old)
+                    self.observer("applied", index)
+                    action.verify(self.ctx, old)
+                except Exception as err:  # a bug in one action must not leave the host half-switched
+                    reason = f"{action.describe()}: {_reason(err)}"
+                    log.error("VM %s: step %d failed: %s; reverting", plan.vm, index + 1, reason)
+                    self._revert_all(plan.vm, writer)
+                    raise StepFailed(reason) from err
+                seconds = self.ctx.clock() - start
+                writer.done(index, seconds * 1000, result)
+                self.observer("done", index)
+                log.info("VM %s: %s (%.1f ms)", plan.vm, action.describe(), seconds * 1000)
+                report.steps.append(StepTiming(action.describe(), seconds))
+            writer.complete()
+        return report
+
+    def _revert_all(self, vm: str, writer: JournalWriter) -> None:
+        state = self.store.read(vm)
+        if state is None:
+            raise JournalError(f"journal of VM {vm!r} vanished during its own run")
+        failures = self._revert_steps(state, writer, RunReport(vm))
+        if failures:
+            raise StepFailed(f"and reverting failed too: {failures[0]}; run 'janus-hooks rollback {vm}'")
+        self.store.remove(vm)
+
+    def _replay(self, vm: str) -> RunReport:
+        report = RunReport(vm)
+        state = self.store.read(vm)
+        if state is None:
+            return report
+        with self.store.append_writer(vm) as writer:
+            failures = self._revert_steps(state, writer, report)
+        if failures:
+            raise StepFailed(f"VM {vm}: {len(failures)} change(s) could not be reverted; first: {failures[0]}")
+        self.store.remove(vm)
+        return report
+
+    def _revert_steps(self, state: JournalState, writer: JournalWriter, report: RunReport) -> list[str]:
+        """Revert open steps newest first; keep going past failures so as much as possible comes back."""
+        rebooted = state.boot_id != self.ctx.host.boot_id()
+        failures = []
+        for step in reversed(state.open_steps):
+            action = step.action
+            if rebooted and not action.persistent:
+                # The kernel state this step changed did not survive the reboot: nothing to put back.
+                log.info("VM %s: %s is gone with the reboot", state.vm, action.describe())
+                writer.reverted(step.index)
+                report.skipped_after_reboot += 1
+                continue
+            start = self.ctx.clock()
+            try:
+                action.revert(self.ctx, step.old)
+            except Exception as err:  # a bug in one action must not leave the host half-switched
+                log.error("VM %s: reverting '%s' failed: %s", state.vm, action.describe(), _reason(err))
+                failures.append(f"undo {action.describe()}: {_reason(err)}")
+                continue
+            writer.reverted(step.index)
+            seconds = self.ctx.clock() - start
+            log.info("VM %s: reverted %s (%.1f ms)", state.vm, action.describe(), seconds * 1000)
+            report.steps.append(StepTiming(f"undo {action.describe()}", seconds))
+            report.reverted += 1
+        return failures
+
+
+def _reason(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.filename:
+        return f"{err.filename}: {err.strerror}"
+    return str(err)
+
+

@@ -1,0 +1,33 @@
+"""One exception family: every message names the device, path, unit or VM it is about."""
+
+
+class JanusError(Exception):
+    """Base of every error janus-hooks reports to a person."""
+
+
+class ConfigError(JanusError):
+    """A config file, profile or domain XML that cannot be used as it is."""
+
+
+class UnsafeStateError(JanusError):
+    """A state directory, journal or config that someone other than root could change."""
+
+
+class PlanRefused(JanusError):
+    """The planner will not switch this VM's devices; the message says why."""
+
+
+class StepFailed(JanusError):
+    """One action could not be applied or verified."""
+
+
+class KernelError(StepFailed):
+    """A sysfs write or a module operation that the kernel refused."""
+
+
+class CommandFailed(StepFailed):
+    """An external command (systemctl, modprobe, loginctl) failed or timed out."""
+
+
+class JournalError(JanusError):
+    """A journal that cannot be read, written or locked."""

@@ -1,0 +1,91 @@
+"""libvirt qemu hook entry: ``HOOK <vm> <operation> <sub-operation> <extra>`` with the domain XML on stdin.
+
+Fast path first: an ignored phase or an unmanaged VM costs a few stat() calls and no import beyond the
+standard library's ``os``. The hook never imports or calls libvirt: libvirtd is waiting on it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# (operation, sub-operation) pairs janus-hooks acts on; libvirt calls the hook for many more.
+PREPARE = ("prepare", "begin")
+RELEASE = ("release", "end")
+GUARDED = (("migrate", "begin"), ("restore", "begin"))
+RECONNECT = ("reconnect", "begin")
+HANDLED = (PREPARE, RELEASE, RECONNECT, *GUARDED)
+
+PROFILE_MARK = "janus-hooks.org/xmlns/profile/"
+
+
+def maybe_managed(root: str, vm: str, xml: str) -> bool:
+    """Cheap test: a janus profile in the XML or on disk, or an open journal. False means: do nothing."""
+    from janus_hooks.layout import journal_file, profile_file
+
+    return PROFILE_MARK in xml or os.path.exists(profile_file(root, vm)) or os.path.exists(journal_file(root, vm))
+
+
+def main(argv: list[str], root: str = "/", stdin=None, stderr=None, open_janus=None) -> int:
+    """Run one hook invocation; returns the exit status. ``open_janus(root)`` is injectable for tests."""
+    stdin = stdin if stdin is not None else sys.stdin
+    stderr = stderr if stderr is not None else sys.stderr
+    if len(argv) < 3:
+        print("janus-hooks: usage: qemu-hook VM OPERATION SUB-OPERATION [EXTRA] < domain.xml", file=stderr)
+        return 2
+    vm, phase = argv[0], (argv[1], argv[2])
+    if phase not in HANDLED:
+        return 0
+    xml = stdin.read()
+    if not maybe_managed(root, vm, xml):
+        return 0
+    return _managed(vm, phase, xml, root, stderr, open_janus or _open_real)
+
+
+def _open_real(root: str):
+    from janus_hooks.host import Host
+    from janus_hooks.runtime import Janus
+
+    return Janus.open(Host(root))
+
+
+def _managed(vm: str, phase: tuple[str, str], xml: str, root: str, stderr, open_janus) -> int:
+    # Everything below is the slow path: only a managed VM at a phase that matters gets here.
+    from janus_hooks.domain import parse_domain
+    from janus_hooks.errors import JanusError
+
+    try:
+        janus = open_janus(root)
+        janus.setup_logging()
+        if phase == PREPARE:
+            plan, report = janus.prepare(parse_domain(xml))
+            if report is not None:
+                total = sum(s.seconds for s in report.steps)
+                janus_log(f"VM {vm}: prepared {len(report.steps)} step(s) in {total * 1000:.0f} ms")
+        elif phase == RELEASE:
+            report = janus.release(vm)
+            janus_log(f"VM {vm}: released, {report.reverted} change(s) reverted")
+        elif phase in GUARDED:
+            if janus.switched(vm):
+                print(f"janus-hooks: VM {vm!r} owns switched host devices; refusing {phase[0]}", file=stderr)
+                return 1
+        elif phase == RECONNECT:
+            # libvirtd restarted while the VM runs: its devices stay switched. A non-zero exit here would
+            # make libvirt kill the VM, so this phase only records what it found.
+            janus_log(f"VM {vm}: libvirt reconnected; journal {'open' if janus.switched(vm) else 'absent'}")
+    except JanusError as err:
+        print(f"janus-hooks: VM {vm!r}: {err}", file=stderr)
+        return 0 if phase == RECONNECT else 1
+    except Exception as err:  # noqa: BLE001 - one line for libvirt, the traceback for the log
+        import logging
+
+        logging.getLogger("janus_hooks.hook").exception("VM %s: %s failed", vm, " ".join(phase))
+        print(f"janus-hooks: VM {vm!r}: internal error: {err!r}", file=stderr)
+        return 0 if phase == RECONNECT else 1
+    return 0
+
+
+def janus_log(message: str) -> None:
+    import logging
+
+    logging.getLogger("janus_hooks.hook").info("%s", message)

@@ -1,0 +1,36 @@
+"""The only place that knows where the kernel and the system keep their state.
+
+Everything goes through ``Host(root)``: production uses ``/``, tests use a temporary tree that a fake kernel
+animates. Writes go through the ``Kernel`` seam, commands through the ``Runner`` seam.
+"""
+
+from janus_hooks.host.kernel import Kernel, RealKernel
+from janus_hooks.host.model import (
+    Framebuffer,
+    HugepagePool,
+    Module,
+    PciDevice,
+    ProcessHold,
+    Session,
+    VtConsole,
+)
+from janus_hooks.host.runner import Runner, SubprocessRunner
+from janus_hooks.host.services import Services, SystemdServices
+from janus_hooks.host.sysfs import Host
+
+__all__ = [
+    "Framebuffer",
+    "Host",
+    "HugepagePool",
+    "Kernel",
+    "Module",
+    "PciDevice",
+    "ProcessHold",
+    "RealKernel",
+    "Runner",
+    "Services",
+    "Session",
+    "SubprocessRunner",
+    "SystemdServices",
+    "VtConsole",
+]

@@ -1,0 +1,108 @@
+"""Plain, frozen snapshots of what the host looks like; read by ``Host``, never written."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PCI_CLASS_DISPLAY = 0x03
+PCI_CLASS_BRIDGE = 0x06
+
+
+@dataclass(frozen=True)
+class PciDevice:
+    address: str
+    vendor: str
+    device: str
+    pci_class: str
+    subsystem_vendor: str = ""
+    subsystem_device: str = ""
+    driver: str | None = None
+    driver_override: str | None = None
+    iommu_group: int | None = None
+    boot_vga: bool = False
+    reset_method: str = ""
+    numa_node: int = -1
+
+    @property
+    def base_class(self) -> int:
+        return int(self.pci_class, 16) >> 16 if self.pci_class else 0
+
+    @property
+    def is_display(self) -> bool:
+        return self.base_class == PCI_CLASS_DISPLAY
+
+    @property
+    def is_bridge(self) -> bool:
+        return self.base_class == PCI_CLASS_BRIDGE
+
+    @property
+    def slot(self) -> str:
+        """Domain:bus:device without the function: every function of one card shares it."""
+        return self.address.rsplit(".", 1)[0]
+
+    def describe(self) -> str:
+        return f"{self.address} [{self.vendor[2:]}:{self.device[2:]}] class {self.pci_class}"
+
+
+@dataclass(frozen=True)
+class VtConsole:
+    name: str  # vtcon0
+    description: str  # "(M) frame buffer device"
+    bound: bool
+
+    @property
+    def is_framebuffer(self) -> bool:
+        return "frame buffer" in self.description
+
+
+@dataclass(frozen=True)
+class Framebuffer:
+    """A boot framebuffer platform device (efi-framebuffer.0, simple-framebuffer.0, vesa-framebuffer.0)."""
+
+    device: str
+    driver: str | None  # efi-framebuffer (efifb), simple-framebuffer (simplefb), simpledrm, vesa-framebuffer
+
+
+@dataclass(frozen=True)
+class Module:
+    name: str
+    refcnt: int
+    holders: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ProcessHold:
+    """A process with a GPU device node open."""
+
+    pid: int
+    command: str
+    node: str  # /dev/dri/card0, as the process sees it
+    unit: str | None  # systemd unit from its cgroup, if any
+    session: str | None  # logind session id from its cgroup, if any
+    uid: int | None = None
+    cgroup: str = ""
+
+    def describe(self) -> str:
+        return f"pid {self.pid} ({self.command}) via {self.node}"
+
+
+@dataclass(frozen=True)
+class Session:
+    """A logind session, read from logind's own state files."""
+
+    id: str
+    uid: int
+    type: str  # x11, wayland, tty, unspecified
+    active: bool
+
+    @property
+    def graphical(self) -> bool:
+        return self.type in ("x11", "wayland", "mir")
+
+
+@dataclass(frozen=True)
+class HugepagePool:
+    size_kb: int
+    node: int | None  # None: the global pool
+    total: int
+    free: int

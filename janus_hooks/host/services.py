@@ -1,0 +1,36 @@
+"""Service and session control: systemd and logind when they run, nothing otherwise."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from janus_hooks.host.runner import Runner, SubprocessRunner, check
+
+
+class Services(Protocol):
+    def is_active(self, unit: str) -> bool: ...
+
+    def stop(self, unit: str, timeout: float) -> None: ...
+
+    def start(self, unit: str, timeout: float) -> None: ...
+
+    def terminate_session(self, session_id: str, timeout: float) -> None: ...
+
+
+class SystemdServices:
+    """systemctl and loginctl through the runner; only used when the host model says systemd runs."""
+
+    def __init__(self, runner: Runner | None = None) -> None:
+        self._runner = runner or SubprocessRunner()
+
+    def is_active(self, unit: str) -> bool:
+        return self._runner.run(["systemctl", "is-active", "--quiet", unit], 15.0).returncode == 0
+
+    def stop(self, unit: str, timeout: float) -> None:
+        check(self._runner.run(["systemctl", "stop", unit], timeout))
+
+    def start(self, unit: str, timeout: float) -> None:
+        check(self._runner.run(["systemctl", "start", unit], timeout))
+
+    def terminate_session(self, session_id: str, timeout: float) -> None:
+        check(self._runner.run(["loginctl", "terminate-session", session_id], timeout))

@@ -1,0 +1,396 @@
+"""``Host(root)``: reads the kernel's and the system's state below one root directory.
+
+No other module spells a kernel path. Reads are tolerant (a device can vanish between a listdir and a read);
+writes are not done here but through ``Host.kernel``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from janus_hooks import layout
+from janus_hooks.host.kernel import Kernel, RealKernel
+from janus_hooks.host.model import (
+    Framebuffer,
+    HugepagePool,
+    Module,
+    PciDevice,
+    ProcessHold,
+    Session,
+    VtConsole,
+)
+
+# Device nodes through which a process keeps a GPU busy.
+GPU_NODE_PREFIXES = ("/dev/dri/", "/dev/nvidia", "/dev/kfd")
+BOOT_FRAMEBUFFER_PREFIXES = ("efi-framebuffer.", "simple-framebuffer.", "vesa-framebuffer.")
+_O_PATH = 0o10000000
+
+
+def _read(path: Path, default: str = "") -> str:
+    try:
+        return path.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return default
+
+
+def _link_name(path: Path) -> str | None:
+    try:
+        return os.path.basename(os.readlink(path))
+    except OSError:
+        return None
+
+
+def _int(text: str, default: int = 0) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        return default
+
+
+class Host:
+    """The host as seen below ``root``; ``kernel`` is where every change goes."""
+
+    def __init__(self, root: str | os.PathLike[str] = "/", kernel: Kernel | None = None) -> None:
+        self.root = Path(root)
+        self.kernel: Kernel = kernel or RealKernel()
+
+    def path(self, *parts: str) -> Path:
+        """A path below the root; ``parts`` are relative (``"sys", "bus", "pci"``)."""
+        return self.root.joinpath(*parts)
+
+    # --- PCI -------------------------------------------------------------------------------------------
+    def pci_dir(self, address: str) -> Path:
+        return self.path("sys/bus/pci/devices", address)
+
+    def pci_driver_dir(self, driver: str) -> Path:
+        return self.path("sys/bus/pci/drivers", driver)
+
+    def pci_probe_path(self) -> Path:
+        return self.path("sys/bus/pci/drivers_probe")
+
+    def pci_addresses(self) -> list[str]:
+        try:
+            return sorted(os.listdir(self.path("sys/bus/pci/devices")))
+        except OSError:
+            return []
+
+    def pci_device(self, address: str) -> PciDevice | None:
+        base = self.pci_dir(address)
+        if not base.exists():
+            return None
+        group = _link_name(base / "iommu_group")
+        override = _read(base / "driver_override")
+        return PciDevice(
+            address=address,
+            vendor=_read(base / "vendor"),
+            device=_read(base / "device"),
+            pci_class=_read(base / "class"),
+            subsystem_vendor=_read(base / "subsystem_vendor"),
+            subsystem_device=_read(base / "subsystem_device"),
+            driver=_link_name(base / "driver"),
+            driver_override=None if override in ("", "(null)") else override,
+            iommu_group=int(group) if group and group.isdigit() else None,
+            boot_vga=_read(base / "boot_vga") == "1",
+            reset_method=_read(base / "reset_method"),
+            numa_node=_int(_read(base / "numa_node", "-1"), -1),
+        )
+
+    def pci_devices(self) -> list[PciDevice]:
+        return [d for a in self.pci_addresses() if (d := self.pci_device(a)) is not None]
+
+    def pci_driver(self, address: str) -> str | None:
+        return _link_name(self.pci_dir(address) / "driver")
+
+    def pci_driver_override(self, address: str) -> str | None:
+        value = _read(self.pci_dir(address) / "driver_override")
+        return None if value in ("", "(null)") else value
+
+    def pci_drivers(self) -> list[str]:
+        try:
+            return sorted(os.listdir(self.path("sys/bus/pci/drivers")))
+        except OSError:
+            return []
+
+    def pci_driver_loaded(self, driver: str) -> bool:
+        return self.pci_driver_dir(driver).is_dir()
+
+    def pci_driver_module(self, driver: str) -> str | None:
+        """The module that provides a PCI driver (bochs-drm -> bochs), or None when built in."""
+        return _link_name(self.pci_driver_dir(driver) / "module")
+
+    def iommu_enabled(self) -> bool:
+        try:
+            return any(os.scandir(self.path("sys/kernel/iommu_groups")))
+        except OSError:
+            return False
+
+    def iommu_group_members(self, group: int) -> list[str]:
+        try:
+            return sorted(os.listdir(self.path("sys/kernel/iommu_groups", str(group), "devices")))
+        except OSError:
+            return []
+
+    # --- consoles and framebuffers ------------------------------------------------------------------------
+    def vtconsole_dir(self, name: str) -> Path:
+        return self.path("sys/class/vtconsole", name)
+
+    def vtconsoles(self) -> list[VtConsole]:
+        try:
+            names = sorted(os.listdir(self.path("sys/class/vtconsole")))
+        except OSError:
+            return []
+        return [
+            VtConsole(n, _read(self.vtconsole_dir(n) / "name"), _read(self.vtconsole_dir(n) / "bind") == "1")
+            for n in names
+        ]
+
+    def vtconsole(self, name: str) -> VtConsole | None:
+        base = self.vtconsole_dir(name)
+        if not base.exists():
+            return None
+        return VtConsole(name, _read(base / "name"), _read(base / "bind") == "1")
+
+    def platform_driver_dir(self, driver: str) -> Path:
+        return self.path("sys/bus/platform/drivers", driver)
+
+    def boot_framebuffers(self) -> list[Framebuffer]:
+        base = self.path("sys/bus/platform/devices")
+        try:
+            names = sorted(os.listdir(base))
+        except OSError:
+            return []
+        return [
+            Framebuffer(n, _link_name(base / n / "driver"))
+            for n in names
+            if n.startswith(BOOT_FRAMEBUFFER_PREFIXES)
+        ]
+
+    def framebuffer_driver(self, device: str) -> str | None:
+        return _link_name(self.path("sys/bus/platform/devices", device, "driver"))
+
+    def fb_names(self) -> list[str]:
+        """Lines of /proc/fb: which framebuffer drivers are registered right now."""
+        text = _read(self.path("proc/fb"))
+        return [line.split(None, 1)[1] for line in text.splitlines() if " " in line]
+
+    # --- DRM ------------------------------------------------------------------------------------------
+    def drm_nodes_of(self, address: str) -> list[str]:
+        """Device nodes (/dev/dri/card0, /dev/dri/renderD128) that belong to one PCI device."""
+        nodes = []
+        try:
+            names = sorted(os.listdir(self.path("sys/class/drm")))
+        except OSError:
+            return []
+        for name in names:
+            if not (name.startswith("card") or name.startswith("renderD")) or "-" in name:
+                continue
+            if _link_name(self.path("sys/class/drm", name, "device")) == address:
+                nodes.append(f"/dev/dri/{name}")
+        return nodes
+
+    def nvidia_minor(self, address: str) -> int | None:
+        text = _read(self.path("proc/driver/nvidia/gpus", address, "information"))
+        for line in text.splitlines():
+            if line.startswith("Device Minor:"):
+                return _int(line.split(":", 1)[1].strip(), -1)
+        return None
+
+    # --- modules --------------------------------------------------------------------------------------
+    def module(self, name: str) -> Module | None:
+        base = self.path("sys/module", name)
+        # Built-in "modules" have a directory but no refcnt: they cannot be unloaded.
+        if not (base / "refcnt").exists():
+            return None
+        try:
+            holders = tuple(sorted(os.listdir(base / "holders")))
+        except OSError:
+            holders = ()
+        return Module(name, _int(_read(base / "refcnt")), holders)
+
+    def module_loaded(self, name: str) -> bool:
+        return self.path("sys/module", name.replace("-", "_"), "refcnt").exists()
+
+    # --- processes, units, sessions -------------------------------------------------------------------
+    def _pids(self) -> Iterator[int]:
+        try:
+            entries = os.listdir(self.path("proc"))
+        except OSError:
+            return
+        for entry in entries:
+            if entry.isdigit():
+                yield int(entry)
+
+    def process_command(self, pid: int) -> str:
+        return _read(self.path("proc", str(pid), "comm"), "?")
+
+    def process_cgroup(self, pid: int) -> str:
+        for line in _read(self.path("proc", str(pid), "cgroup")).splitlines():
+            # cgroup v2 line is "0::/path"; v1 hosts also list name=systemd with the same path.
+            if line.startswith("0::") or ":name=systemd:" in line:
+                return line.split(":", 2)[2]
+        return ""
+
+    def process_uid(self, pid: int) -> int | None:
+        for line in _read(self.path("proc", str(pid), "status")).splitlines():
+            if line.startswith("Uid:"):
+                return _int(line.split()[1], -1)
+        return None
+
+    def gpu_holders(self) -> list[ProcessHold]:
+        """Every process with a GPU node open (O_PATH descriptors do not count: they hold nothing)."""
+        holds = []
+        own = os.getpid() if self.root == Path("/") else -1
+        for pid in self._pids():
+            if pid == own:
+                continue
+            fd_dir = self.path("proc", str(pid), "fd")
+            try:
+                fds = os.listdir(fd_dir)
+            except OSError:
+                continue
+            seen: set[str] = set()
+            for fd in fds:
+                try:
+                    target = os.readlink(fd_dir / fd)
+                except OSError:
+                    continue
+                if not target.startswith(GPU_NODE_PREFIXES) or target in seen:
+                    continue
+                if self._fd_is_opath(pid, fd):
+                    continue
+                seen.add(target)
+                cgroup = self.process_cgroup(pid)
+                holds.append(
+                    ProcessHold(
+                        pid=pid,
+                        command=self.process_command(pid),
+                        node=target,
+                        unit=_unit_of(cgroup),
+                        session=_session_of(cgroup),
+                        uid=self.process_uid(pid),
+                        cgroup=cgroup,
+                    )
+                )
+        return sorted(holds, key=lambda h: (h.pid, h.node))
+
+    def _fd_is_opath(self, pid: int, fd: str) -> bool:
+        for line in _read(self.path("proc", str(pid), "fdinfo", fd)).splitlines():
+            if line.startswith("flags:"):
+                return bool(int(line.split()[1], 8) & _O_PATH)
+        return False
+
+    def systemd_running(self) -> bool:
+        # sd_booted(): systemd creates this directory when it is PID 1.
+        return self.path("run/systemd/system").is_dir()
+
+    def unit_file_target(self, unit: str) -> str | None:
+        """Where an alias like display-manager.service points (gdm3.service), from /etc/systemd/system."""
+        return _link_name(self.path("etc/systemd/system", unit))
+
+    def unit_exists(self, unit: str) -> bool:
+        return any(
+            self.path(d, unit).exists()
+            for d in ("etc/systemd/system", "run/systemd/system", "lib/systemd/system", "usr/lib/systemd/system")
+        )
+
+    def sessions(self) -> list[Session]:
+        base = self.path("run/systemd/sessions")
+        try:
+            names = sorted(n for n in os.listdir(base) if "." not in n)
+        except OSError:
+            return []
+        sessions = []
+        for name in names:
+            fields = dict(
+                line.split("=", 1) for line in _read(base / name).splitlines() if "=" in line
+            )
+            sessions.append(
+                Session(name, _int(fields.get("UID", "-1"), -1), fields.get("TYPE", ""), fields.get("ACTIVE") == "1")
+            )
+        return sessions
+
+    # --- hugepages -------------------------------------------------------------------------------------
+    def hugepage_dir(self, size_kb: int, node: int | None) -> Path:
+        leaf = f"hugepages-{size_kb}kB"
+        if node is None:
+            return self.path("sys/kernel/mm/hugepages", leaf)
+        return self.path("sys/devices/system/node", f"node{node}", "hugepages", leaf)
+
+    def hugepage_pool(self, size_kb: int, node: int | None = None) -> HugepagePool | None:
+        base = self.hugepage_dir(size_kb, node)
+        if not base.is_dir():
+            return None
+        return HugepagePool(size_kb, node, _int(_read(base / "nr_hugepages")), _int(_read(base / "free_hugepages")))
+
+    def hugepage_sizes(self) -> list[int]:
+        try:
+            names = os.listdir(self.path("sys/kernel/mm/hugepages"))
+        except OSError:
+            return []
+        return sorted(int(n[len("hugepages-") : -2]) for n in names if n.startswith("hugepages-"))
+
+    def numa_nodes(self) -> list[int]:
+        try:
+            names = os.listdir(self.path("sys/devices/system/node"))
+        except OSError:
+            return []
+        return sorted(int(n[4:]) for n in names if n.startswith("node") and n[4:].isdigit())
+
+    def default_hugepage_kb(self) -> int:
+        for line in _read(self.path("proc/meminfo")).splitlines():
+            if line.startswith("Hugepagesize:"):
+                return _int(line.split()[1], 2048)
+        return 2048
+
+    def compact_memory_path(self) -> Path:
+        return self.path("proc/sys/vm/compact_memory")
+
+    def hugetlbfs_mounted(self) -> bool:
+        return any(
+            len(parts) > 2 and parts[2] == "hugetlbfs"
+            for parts in (line.split() for line in _read(self.path("proc/mounts")).splitlines())
+        )
+
+    # --- boot and command line -----------------------------------------------------------------------------
+    def boot_id(self) -> str:
+        return _read(self.path("proc/sys/kernel/random/boot_id"), "unknown")
+
+    def cmdline(self) -> str:
+        return _read(self.path("proc/cmdline"))
+
+    def cpu_flags(self) -> set[str]:
+        for line in _read(self.path("proc/cpuinfo")).splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+        return set()
+
+    # --- janus-hooks' own files ---------------------------------------------------------------------------
+    def config_dir(self) -> Path:
+        return self.path(layout.CONFIG_DIR)
+
+    def state_dir(self) -> Path:
+        return self.path(layout.STATE_DIR)
+
+    def log_dir(self) -> Path:
+        return self.path(layout.LOG_DIR)
+
+    def libvirt_hooks_dir(self) -> Path:
+        return self.path("etc/libvirt/hooks")
+
+
+def _unit_of(cgroup: str) -> str | None:
+    """The system unit a cgroup path belongs to (/system.slice/gdm.service -> gdm.service)."""
+    parts = [p for p in cgroup.split("/") if p]
+    if parts[:1] == ["system.slice"] and len(parts) > 1 and parts[1].endswith(".service"):
+        return parts[1]
+    return None
+
+
+def _session_of(cgroup: str) -> str | None:
+    """The logind session of a cgroup path (.../session-3.scope -> "3")."""
+    for part in cgroup.split("/"):
+        if part.startswith("session-") and part.endswith(".scope"):
+            return part[len("session-") : -len(".scope")]
+    return None

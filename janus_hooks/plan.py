@@ -1,0 +1,306 @@
+"""(domain spec, config, host snapshot) -> ordered actions. Pure: ``janus-hooks plan`` prints exactly this.
+
+Order, and why:
+1. hugepages first: if memory is short the start is refused before the desktop is touched;
+2. free the GPU from its users (display manager, graphical sessions, vendor services), then check that
+   nobody holds its nodes any more;
+3. the text console: fbcon vtconsoles, then the boot framebuffer;
+4. the host driver: modules in holders order (or only an unbind when another device shares the driver);
+5. vfio modules, then every function of the GPU bound to vfio-pci.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from janus_hooks.actions import (
+    VFIO_DRIVER,
+    Action,
+    AllocateHugepages,
+    BindVfio,
+    DetachFramebuffer,
+    EndSession,
+    LoadModule,
+    RunDisplayCommands,
+    StopUnit,
+    UnbindVtconsole,
+    UnloadModule,
+    WaitReleased,
+)
+from janus_hooks.config import Config
+from janus_hooks.domain import DomainSpec
+from janus_hooks.errors import PlanRefused
+from janus_hooks.gpu import Backend, backend_for, nodes_for
+from janus_hooks.host import Module, PciDevice, ProcessHold
+from janus_hooks.snapshot import HostSnapshot
+
+VFIO_MODULES = ("vfio_pci", "vfio_iommu_type1")
+
+
+@dataclass(frozen=True)
+class Plan:
+    vm: str
+    mode: str | None
+    devices: tuple[str, ...] = ()
+    actions: tuple[Action, ...] = ()
+    notes: tuple[str, ...] = ()
+    refusal: str | None = None
+
+    @property
+    def managed(self) -> bool:
+        return self.mode is not None
+
+    def raise_if_refused(self) -> None:
+        if self.refusal:
+            raise PlanRefused(self.refusal)
+
+    def render(self) -> str:
+        if not self.managed:
+            return f"VM {self.vm!r} is not managed by janus-hooks: nothing changes when it starts."
+        if self.refusal:
+            return f"VM {self.vm!r} ({self.mode}): the start would be refused: {self.refusal}"
+        lines = [f"VM {self.vm!r} ({self.mode}): {len(self.actions)} change(s) on prepare, undone on release"]
+        lines += [f"  {i}. {a.describe()}" for i, a in enumerate(self.actions, 1)]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "vm": self.vm,
+            "mode": self.mode,
+            "managed": self.managed,
+            "devices": list(self.devices),
+            "refusal": self.refusal,
+            "actions": [{"description": a.describe(), **a.to_json()} for a in self.actions],
+            "notes": list(self.notes),
+        }
+
+
+class _Refuse(Exception):
+    pass
+
+
+@dataclass
+class _Builder:
+    spec: DomainSpec
+    mode: str
+    config: Config
+    snap: HostSnapshot
+    extra_units: tuple[str, ...]
+    actions: list[Action] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def refuse(self, reason: str) -> None:
+        raise _Refuse(reason)
+
+
+def make_plan(spec: DomainSpec, mode: str | None, config: Config, snap: HostSnapshot | None,
+              extra_units: tuple[str, ...] = ()) -> Plan:
+    """Plan the prepare of ``spec``; ``mode`` None means the VM is not managed (an empty plan, no snapshot)."""
+    addresses = tuple(sorted({d.address for d in spec.hostdevs}))
+    if mode is None or snap is None:
+        return Plan(spec.name, None, addresses)
+    b = _Builder(spec, mode, config, snap, extra_units)
+    try:
+        gpus = _check_devices(b, addresses)
+        _hugepages(b)
+        if gpus:
+            unloading = _driver_modules(b, gpus, addresses)
+            nodes, shared = _gpu_nodes(b, gpus, unloading)
+            _free_gpu(b, gpus, nodes, shared)
+            if mode == "single-gpu":
+                _console(b, gpus)
+            b.actions += unloading
+        _vfio(b, addresses)
+    except _Refuse as refusal:
+        return Plan(spec.name, mode, addresses, refusal=str(refusal))
+    return Plan(spec.name, mode, addresses, tuple(b.actions), tuple(b.notes))
+
+
+def _check_devices(b: _Builder, addresses: tuple[str, ...]) -> list[PciDevice]:
+    snap, vm = b.snap, b.spec.name
+    for address in addresses:
+        dev = snap.devices.get(address)
+        if dev is None:
+            b.refuse(f"PCI device {address} of VM {vm!r} does not exist on this host")
+        if address in snap.claims:
+            b.refuse(f"PCI device {address} is in use by VM {snap.claims[address]!r} (its journal is open)")
+        if dev.iommu_group is None:
+            b.refuse(f"PCI device {address} has no IOMMU group: enable the IOMMU (intel_iommu=on or amd_iommu=on)")
+        for member in snap.groups.get(dev.iommu_group, ()):
+            other = snap.devices.get(member)
+            if member in addresses or (other is not None and other.is_bridge):
+                continue
+            b.refuse(
+                f"IOMMU group {dev.iommu_group} of {address} also holds {member}"
+                f"{f' (class {other.pci_class})' if other else ''}, which is not given to VM {vm!r}"
+            )
+    gpus = [snap.devices[a] for a in addresses if snap.devices[a].is_display]
+    if b.mode == "passthrough":
+        for gpu in gpus:
+            why = _drives_host_display(snap, gpu)
+            if why:
+                b.refuse(f"GPU {gpu.address} drives the host display ({why}); use mode single-gpu for it")
+    return gpus
+
+
+def _drives_host_display(snap: HostSnapshot, gpu: PciDevice) -> str | None:
+    holders = [h for h in snap.holders if h.node in snap.drm_nodes.get(gpu.address, ())]
+    if holders:
+        return f"{holders[0].describe()}"
+    if gpu.boot_vga and gpu.driver != VFIO_DRIVER:
+        if any(c.is_framebuffer and c.bound for c in snap.vtconsoles):
+            return "the boot GPU with the framebuffer console on it"
+        if any(f.driver for f in snap.framebuffers):
+            return "the boot GPU with the boot framebuffer on it"
+    return None
+
+
+def _hugepages(b: _Builder) -> None:
+    req = b.spec.hugepages
+    if req is None:
+        return
+    size = req.page_kb or b.snap.default_hugepage_kb
+    for node, kb in sorted(req.per_node_kb.items(), key=lambda item: (item[0] is not None, item[0] or 0)):
+        pool = b.snap.hugepage_pools.get((size, node))
+        where = f"NUMA node {node}" if node is not None else "this host"
+        if pool is None:
+            b.refuse(f"{where} has no {size} kB hugepage pool (VM {b.spec.name!r} asks for {size} kB pages)")
+        needed = math.ceil(kb / size)
+        missing = needed - pool.free
+        if missing > 0:
+            b.actions.append(AllocateHugepages(size, node, missing))
+        else:
+            b.notes.append(f"{needed} x {size} kB hugepages already free on {where}")
+
+
+def _unload_order(name: str, modules: dict[str, Module], seen: set[str] | None = None) -> list[str]:
+    """``name`` and everything holding it, holders first (nvidia_drm, nvidia_modeset, nvidia_uvm, nvidia)."""
+    seen = set() if seen is None else seen
+    if name in seen or name not in modules:
+        return []
+    seen.add(name)
+    order: list[str] = []
+    for holder in modules[name].holders:
+        order += _unload_order(holder, modules, seen)
+    return [*order, name]
+
+
+def _driver_modules(b: _Builder, gpus: list[PciDevice], addresses: tuple[str, ...]) -> list[Action]:
+    steps: list[Action] = []
+    for gpu in gpus:
+        backend = backend_for(gpu.driver)
+        if backend.note:
+            b.notes.append(f"{gpu.address}: {backend.note}")
+        if not gpu.reset_method:
+            b.notes.append(f"{gpu.address} reports no reset method; it may not come back cleanly after the VM")
+        if gpu.driver is None or gpu.driver == VFIO_DRIVER:
+            continue
+        module = b.snap.driver_modules.get(gpu.driver)
+        others = [d.address for d in b.snap.devices.values() if d.driver == gpu.driver and d.address not in addresses]
+        if not backend.unload or module is None or others:
+            why = (f"{gpu.driver} also drives {others[0]}" if others
+                   else f"{gpu.driver} is built in" if module is None else f"{backend.name} is only unbound")
+            b.notes.append(f"{gpu.address}: {gpu.driver} is unbound, not unloaded ({why})")
+            continue
+        for name in _unload_order(module, b.snap.modules):
+            if not any(isinstance(s, UnloadModule) and s.module == name for s in steps):
+                steps.append(UnloadModule(name))
+    return steps
+
+
+def _gpu_nodes(b: _Builder, gpus: list[PciDevice], unloading: list[Action]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    nodes: list[str] = []
+    shared: list[str] = []
+    for gpu in gpus:
+        backend = backend_for(gpu.driver)
+        nodes += b.snap.drm_nodes.get(gpu.address, ())
+        nodes += nodes_for(backend, b.snap.nvidia_minors.get(gpu.address))
+        if unloading:
+            # Nodes shared by the vendor's whole stack only matter when its module goes away.
+            shared += backend.shared_nodes
+    return tuple(dict.fromkeys(nodes)), tuple(dict.fromkeys(shared))
+
+
+def _stop_units(b: _Builder, gpus: list[PciDevice]) -> list[str]:
+    units: list[str] = []
+    if b.mode == "single-gpu":
+        dm = b.config.display_manager or b.snap.display_manager
+        if dm:
+            units.append(dm)
+    for gpu in gpus:
+        units += [u for u in backend_for(gpu.driver).units if u in b.snap.existing_units]
+    units += list(b.config.stop_units) + list(b.extra_units)
+    return list(dict.fromkeys(units))
+
+
+def _graphical_session(b: _Builder, hold: ProcessHold) -> str | None:
+    sessions = {s.id: s for s in b.snap.sessions}
+    if hold.session and hold.session in sessions and sessions[hold.session].graphical:
+        return hold.session
+    # Modern desktops run the compositor in the user's systemd instance, outside the session scope.
+    if hold.uid is not None and f"/user-{hold.uid}.slice/" in hold.cgroup + "/":
+        for s in b.snap.sessions:
+            if s.uid == hold.uid and s.graphical:
+                return s.id
+    return None
+
+
+def _free_gpu(b: _Builder, gpus: list[PciDevice], nodes: tuple[str, ...], shared: tuple[str, ...]) -> None:
+    units = _stop_units(b, gpus)
+    holders = [h for h in b.snap.holders if h.node in nodes or any(h.node.startswith(p) for p in shared)]
+    single = b.mode == "single-gpu"
+    by_command = single and not b.snap.systemd and bool(b.config.stop_command)
+    sessions: dict[str, int] = {}
+    for hold in holders:
+        if hold.unit and hold.unit in units:
+            continue
+        session = _graphical_session(b, hold) if single and b.config.end_sessions else None
+        if session:
+            sessions.setdefault(session, hold.uid if hold.uid is not None else -1)
+            continue
+        if by_command:
+            continue  # the display stop command is expected to end it; WaitReleased checks
+        where = f" (unit {hold.unit})" if hold.unit else ""
+        b.refuse(
+            f"GPU {gpus[0].address} is held by {hold.describe()}{where}, which janus-hooks may not stop; "
+            "close it or list its unit in display.stop_units"
+        )
+    if b.snap.systemd:
+        b.actions += [StopUnit(u) for u in units]
+        b.actions += [EndSession(s, uid) for s, uid in sessions.items()]
+    else:
+        if units:
+            b.notes.append(f"no running systemd: not stopping {', '.join(units)}")
+        if by_command:
+            b.actions.append(RunDisplayCommands(b.config.stop_command, b.config.start_command))
+    if nodes or shared:
+        b.actions.append(WaitReleased(nodes, shared))
+
+
+def _console(b: _Builder, gpus: list[PciDevice]) -> None:
+    for con in b.snap.vtconsoles:
+        if con.is_framebuffer and con.bound:
+            b.actions.append(UnbindVtconsole(con.name))
+    if not any(g.boot_vga for g in gpus):
+        return
+    bound = [f for f in b.snap.framebuffers if f.driver]
+    if not bound:
+        b.notes.append("no boot framebuffer (efifb, simplefb, simpledrm, vesafb) is bound")
+    b.actions += [DetachFramebuffer(f.device, f.driver) for f in bound if f.driver]
+
+
+def _vfio(b: _Builder, addresses: tuple[str, ...]) -> None:
+    if not addresses:
+        return
+    for module in VFIO_MODULES:
+        # Built-in or already loaded: nothing to load (a built-in vfio-pci shows only as a registered driver).
+        if module not in b.snap.module_dirs and not (module == "vfio_pci" and VFIO_DRIVER in b.snap.pci_drivers):
+            b.actions.append(LoadModule(module))
+    for address in addresses:
+        if b.snap.devices[address].driver == VFIO_DRIVER:
+            b.notes.append(f"{address} is already bound to {VFIO_DRIVER}")
+        else:
+            b.actions.append(BindVfio(address))

@@ -1,0 +1,82 @@
+"""What the hook and the CLI share: one object that plans, prepares and releases VMs on one host."""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+from dataclasses import dataclass
+
+from janus_hooks.actions import Context
+from janus_hooks.config import Config, load_config, load_profile
+from janus_hooks.domain import DomainSpec
+from janus_hooks.engine import Engine, Observer, RunReport, _no_observer
+from janus_hooks.files import ensure_private_dir
+from janus_hooks.host import Host, Runner, Services, SubprocessRunner, SystemdServices
+from janus_hooks.journal import JournalStore
+from janus_hooks.plan import Plan, make_plan
+from janus_hooks.snapshot import HostSnapshot
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Janus:
+    host: Host
+    config: Config
+    ctx: Context
+    store: JournalStore
+    observer: Observer = _no_observer
+
+    @classmethod
+    def open(cls, host: Host, services: Services | None = None, runner: Runner | None = None,
+             observer: Observer = _no_observer) -> Janus:
+        """Load the host's config (refusing unsafe files) and wire the real collaborators by default."""
+        config = load_config(host.config_dir())
+        runner = runner or SubprocessRunner()
+        services = services or SystemdServices(runner)
+        ctx = Context(host=host, config=config, services=services, runner=runner)
+        return cls(host, config, ctx, JournalStore(host.state_dir()), observer)
+
+    def mode_of(self, spec: DomainSpec) -> tuple[str | None, tuple[str, ...]]:
+        """The VM's janus mode (XML metadata first, then its TOML profile) and its extra units."""
+        profile = load_profile(self.host.config_dir(), spec.name)
+        if spec.mode:
+            return spec.mode, profile.stop_units if profile else ()
+        if profile:
+            return profile.mode, profile.stop_units
+        return None, ()
+
+    def plan(self, spec: DomainSpec) -> Plan:
+        mode, units = self.mode_of(spec)
+        if mode is None:
+            return make_plan(spec, None, self.config, None)
+        snap = HostSnapshot.read(self.host, claims=self.store.claims(except_vm=spec.name),
+                                 units_of_interest=tuple(self.config.stop_units) + units)
+        return make_plan(spec, mode, self.config, snap, units)
+
+    def engine(self) -> Engine:
+        return Engine(self.ctx, self.store, self.observer)
+
+    def prepare(self, spec: DomainSpec) -> tuple[Plan, RunReport | None]:
+        plan = self.plan(spec)
+        if not plan.managed:
+            return plan, None
+        return plan, self.engine().prepare(plan)
+
+    def release(self, vm: str) -> RunReport:
+        return self.engine().release(vm)
+
+    def switched(self, vm: str) -> bool:
+        return self.store.exists(vm)
+
+    def setup_logging(self, name: str = "hook.log") -> None:
+        """Log to a private file under the log dir, bounded in size; failures to log never stop a VM."""
+        try:
+            log_dir = ensure_private_dir(self.host.log_dir())
+            handler = logging.handlers.RotatingFileHandler(log_dir / name, maxBytes=1 << 20, backupCount=3)
+        except OSError:
+            return
+        handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
+        root = logging.getLogger("janus_hooks")
+        root.addHandler(handler)
+        root.setLevel(self.config.log_level.upper())

@@ -1,0 +1,88 @@
+"""One read of everything the planner needs, so that planning is a pure function of it."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from janus_hooks.host import Framebuffer, Host, HugepagePool, Module, PciDevice, ProcessHold, Session, VtConsole
+
+DISPLAY_MANAGER_ALIAS = "display-manager.service"
+KNOWN_DISPLAY_MANAGERS = (
+    "gdm.service", "gdm3.service", "sddm.service", "lightdm.service", "lxdm.service", "xdm.service",
+    "ly.service", "greetd.service", "cosmic-greeter.service", "slim.service",
+)
+
+
+@dataclass(frozen=True)
+class HostSnapshot:
+    devices: dict[str, PciDevice]
+    groups: dict[int, tuple[str, ...]]
+    vtconsoles: tuple[VtConsole, ...]
+    framebuffers: tuple[Framebuffer, ...]
+    drm_nodes: dict[str, tuple[str, ...]]  # address -> /dev/dri nodes
+    nvidia_minors: dict[str, int]
+    driver_modules: dict[str, str | None]  # driver -> module providing it
+    modules: dict[str, Module]
+    module_dirs: frozenset[str]  # every entry of /sys/module: loaded modules and built-ins with parameters
+    pci_drivers: frozenset[str]  # every registered PCI driver
+    holders: tuple[ProcessHold, ...]
+    sessions: tuple[Session, ...]
+    systemd: bool
+    display_manager: str | None  # the unit display-manager.service points to, or a known DM that exists
+    existing_units: frozenset[str]
+    hugepage_pools: dict[tuple[int, int | None], HugepagePool]
+    default_hugepage_kb: int
+    numa_nodes: tuple[int, ...]
+    boot_id: str
+    claims: dict[str, str] = field(default_factory=dict)  # address -> VM whose journal holds it
+
+    @classmethod
+    def read(cls, host: Host, claims: dict[str, str] | None = None,
+             units_of_interest: tuple[str, ...] = ()) -> HostSnapshot:
+        devices = {d.address: d for d in host.pci_devices()}
+        groups: dict[int, tuple[str, ...]] = {}
+        for dev in devices.values():
+            if dev.iommu_group is not None and dev.iommu_group not in groups:
+                groups[dev.iommu_group] = tuple(host.iommu_group_members(dev.iommu_group))
+        drivers = {d.driver for d in devices.values() if d.driver}
+        try:
+            module_names = os.listdir(host.path("sys/module"))
+        except OSError:
+            module_names = []
+        modules = {m.name: m for n in module_names if (m := host.module(n)) is not None}
+        pools = {}
+        for size in host.hugepage_sizes():
+            for node in (None, *host.numa_nodes()):
+                pool = host.hugepage_pool(size, node)
+                if pool is not None:
+                    pools[(size, node)] = pool
+        systemd = host.systemd_running()
+        dm = host.unit_file_target(DISPLAY_MANAGER_ALIAS)
+        if dm is None:
+            dm = next((u for u in KNOWN_DISPLAY_MANAGERS if host.unit_exists(u)), None)
+        candidates = set(KNOWN_DISPLAY_MANAGERS) | set(units_of_interest) | {"nvidia-persistenced.service"}
+        return cls(
+            devices=devices,
+            groups=groups,
+            vtconsoles=tuple(host.vtconsoles()),
+            framebuffers=tuple(host.boot_framebuffers()),
+            drm_nodes={a: tuple(host.drm_nodes_of(a)) for a, d in devices.items() if d.is_display},
+            nvidia_minors={
+                a: m for a, d in devices.items() if d.driver == "nvidia" and (m := host.nvidia_minor(a)) is not None
+            },
+            driver_modules={d: host.pci_driver_module(d) for d in drivers},
+            modules=modules,
+            module_dirs=frozenset(module_names),
+            pci_drivers=frozenset(host.pci_drivers()),
+            holders=tuple(host.gpu_holders()),
+            sessions=tuple(host.sessions()),
+            systemd=systemd,
+            display_manager=dm,
+            existing_units=frozenset(u for u in candidates if host.unit_exists(u)),
+            hugepage_pools=pools,
+            default_hugepage_kb=host.default_hugepage_kb(),
+            numa_nodes=tuple(host.numa_nodes()),
+            boot_id=host.boot_id(),
+            claims=dict(claims or {}),
+        )

@@ -1,0 +1,167 @@
+"""Builders for realistic fake hosts: the tree a real kernel would show, plus the world that animates it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.fake.world import link, save_world, spawn_process, write
+
+BOOT_ID = "6b1e2c1a-0000-4000-8000-00000000b007"
+
+FB_KINDS = {
+    # kind: (platform device, driver name, /proc/fb name)
+    "efifb": ("efi-framebuffer.0", "efi-framebuffer", "EFI VGA"),
+    "simplefb": ("simple-framebuffer.0", "simple-framebuffer", "simple"),
+    "simpledrm": ("simple-framebuffer.0", "simple-framebuffer", "simpledrmdrmfb"),
+    "vesafb": ("vesa-framebuffer.0", "vesa-framebuffer", "VESA VGA"),
+}
+
+
+@dataclass
+class HostBuilder:
+    root: Path
+    world: dict[str, Any] = field(default_factory=lambda: {
+        "devices": {}, "modules": {}, "nodes": {}, "units": {}, "memory": {}, "commands": {},
+        "session_processes": {},
+    })
+    systemd: bool = True
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+        for d in ("sys/bus/pci/devices", "sys/bus/pci/drivers", "sys/kernel/iommu_groups", "sys/module",
+                  "sys/class/vtconsole", "sys/class/drm", "sys/bus/platform/devices", "proc", "etc"):
+            (self.root / d).mkdir(parents=True, exist_ok=True)
+        # What `janus-hooks install` leaves: private state and log directories.
+        for d in ("var/lib/janus-hooks", "var/log/janus-hooks"):
+            (self.root / d).mkdir(parents=True, mode=0o700, exist_ok=True)
+        write(self.root / "sys/bus/pci/drivers_probe", "")
+        write(self.root / "proc/sys/kernel/random/boot_id", BOOT_ID + "\n")
+        write(self.root / "proc/cmdline", "BOOT_IMAGE=/vmlinuz root=/dev/sda1 intel_iommu=on iommu=pt\n")
+        write(self.root / "proc/meminfo", "MemTotal:       32768000 kB\nHugepagesize:       2048 kB\n")
+        write(self.root / "proc/sys/vm/compact_memory", "")
+        write(self.root / "proc/cpuinfo", "processor\t: 0\nflags\t\t: fpu vme vmx sse sse2\n")
+
+    # --- PCI and modules -----------------------------------------------------------------------------
+    def module(self, name: str, drivers: tuple[str, ...] = (), deps: tuple[str, ...] = (), loaded: bool = True,
+               ) -> HostBuilder:
+        self.world["modules"][name] = {"drivers": list(drivers), "deps": list(deps)}
+        if loaded:
+            for dep in deps:
+                link(self.root / "sys/module" / dep / "holders" / name, f"../../{name}")
+            write(self.root / "sys/module" / name / "refcnt", "0\n")
+            (self.root / "sys/module" / name / "holders").mkdir(parents=True, exist_ok=True)
+            for driver in drivers:
+                ddir = self.root / "sys/bus/pci/drivers" / driver
+                write(ddir / "bind", "")
+                write(ddir / "unbind", "")
+                link(ddir / "module", f"../../../../module/{name}")
+        return self
+
+    def pci(self, address: str, vendor: str, device: str, pci_class: str, driver: str | None, group: int,
+            boot_vga: bool | None = None, reset: str = "flr bus", numa: int = -1) -> HostBuilder:
+        base = self.root / "sys/bus/pci/devices" / address
+        for name, value in (("vendor", vendor), ("device", device), ("class", pci_class),
+                            ("subsystem_vendor", vendor), ("subsystem_device", "0x0001"),
+                            ("driver_override", "(null)"), ("reset_method", reset), ("numa_node", str(numa))):
+            write(base / name, value + "\n")
+        if boot_vga is not None:
+            write(base / "boot_vga", "1\n" if boot_vga else "0\n")
+        link(base / "iommu_group", f"../../../../kernel/iommu_groups/{group}")
+        link(self.root / "sys/kernel/iommu_groups" / str(group) / "devices" / address,
+             f"../../../../bus/pci/devices/{address}")
+        self.world["devices"][address] = {"native": driver}
+        if driver:
+            link(base / "driver", f"../../../../bus/pci/drivers/{driver}")
+            link(self.root / "sys/bus/pci/drivers" / driver / address, f"../../../../devices/{address}")
+        return self
+
+    def drm(self, card: int, address: str) -> HostBuilder:
+        for name in (f"card{card}", f"renderD{128 + card}"):
+            link(self.root / "sys/class/drm" / name / "device", f"../../../bus/pci/devices/{address}")
+            self.world["nodes"][f"/dev/dri/{name}"] = address
+        return self
+
+    def node(self, node: str, owner: str) -> HostBuilder:
+        """A device node owned by a module (``/dev/nvidiactl`` -> nvidia) or a PCI device."""
+        self.world["nodes"][node] = owner
+        return self
+
+    # --- consoles ---------------------------------------------------------------------------------------
+    def fbcon(self, bound: bool = True) -> HostBuilder:
+        # As on the real 6.1 kernel: fbcon is vtcon0, the dummy console takes over when it is unbound.
+        write(self.root / "sys/class/vtconsole/vtcon0/name", "(M) frame buffer device\n")
+        write(self.root / "sys/class/vtconsole/vtcon0/bind", "1\n" if bound else "0\n")
+        write(self.root / "sys/class/vtconsole/vtcon1/name", "(M) dummy device\n")
+        write(self.root / "sys/class/vtconsole/vtcon1/bind", "0\n" if bound else "1\n")
+        return self
+
+    def framebuffer(self, kind: str) -> HostBuilder:
+        device, driver, fbname = FB_KINDS[kind]
+        ddir = self.root / "sys/bus/platform/drivers" / driver
+        write(ddir / "bind", "")
+        write(ddir / "unbind", "")
+        link(self.root / "sys/bus/platform/devices" / device / "driver", f"../../drivers/{driver}")
+        write(self.root / "proc/fb", f"0 {fbname}\n")
+        return self
+
+    # --- processes, units, sessions --------------------------------------------------------------------
+    def unit(self, unit: str, processes: list[dict[str, Any]] = (), active: bool = True,
+             stuck: bool = False) -> HostBuilder:
+        procs = [{**p, "cgroup": p.get("cgroup", f"/system.slice/{unit}")} for p in processes]
+        self.world["units"][unit] = {"processes": procs, "stuck": stuck}
+        write(self.root / "lib/systemd/system" / unit, f"[Service]\nExecStart=/usr/sbin/{unit}\n")
+        write(self.root / "run/fake-systemd" / unit, "active\n" if active else "inactive\n")
+        if active:
+            for proc in procs:
+                spawn_process(self.root, proc)
+        return self
+
+    def display_manager(self, unit: str) -> HostBuilder:
+        link(self.root / "etc/systemd/system/display-manager.service", f"/lib/systemd/system/{unit}")
+        return self
+
+    def process(self, pid: int, comm: str, fds: list[str], cgroup: str = "/", uid: int = 0,
+                opath: bool = False) -> HostBuilder:
+        spawn_process(self.root, {"pid": pid, "comm": comm, "fds": fds, "cgroup": cgroup, "uid": uid,
+                                  "opath": opath})
+        return self
+
+    def session(self, sid: str, uid: int, kind: str, processes: list[dict[str, Any]] = ()) -> HostBuilder:
+        write(self.root / "run/systemd/sessions" / sid, f"UID={uid}\nUSER=user{uid}\nACTIVE=1\nTYPE={kind}\n")
+        procs = [{**p, "uid": uid, "cgroup": p.get("cgroup", f"/user.slice/user-{uid}.slice/session-{sid}.scope")}
+                 for p in processes]
+        self.world["session_processes"][sid] = procs
+        for proc in procs:
+            spawn_process(self.root, proc)
+        return self
+
+    def command(self, argv: str, kill: list[dict[str, Any]] = (), spawn: list[dict[str, Any]] = (),
+                status: int = 0) -> HostBuilder:
+        self.world["commands"][argv] = {"kill": list(kill), "spawn": list(spawn), "status": status}
+        return self
+
+    # --- memory ---------------------------------------------------------------------------------------
+    def hugepages(self, nodes: dict[int, int], size_kb: int = 2048, fragmented: dict[int, int] | None = None,
+                  total: dict[int, int] | None = None) -> HostBuilder:
+        """Node -> pages the node can give; ``fragmented`` pages only after compaction."""
+        fragmented = fragmented or {}
+        total = total or {}
+        self.world["memory"][str(size_kb)] = {
+            str(n): {"pages": p, "fragmented": fragmented.get(n, 0)} for n, p in nodes.items()
+        }
+        for n in nodes:
+            base = self.root / f"sys/devices/system/node/node{n}/hugepages/hugepages-{size_kb}kB"
+            write(base / "nr_hugepages", f"{total.get(n, 0)}\n")
+            write(base / "free_hugepages", f"{total.get(n, 0)}\n")
+        glob = self.root / f"sys/kernel/mm/hugepages/hugepages-{size_kb}kB"
+        write(glob / "nr_hugepages", f"{sum(total.values())}\n")
+        write(glob / "free_hugepages", f"{sum(total.values())}\n")
+        return self
+
+    def build(self) -> Path:
+        if self.systemd:
+            (self.root / "run/systemd/system").mkdir(parents=True, exist_ok=True)
+        save_world(self.root, self.world)
+        return self.root

@@ -1,0 +1,285 @@
+"""FakeKernel: the ``Kernel`` seam played on a tree, with the kernel's rules and injectable faults.
+
+Rules it enforces (the ones janus-hooks depends on, as seen on a real 6.1 kernel):
+- ``drivers/<d>/unbind`` moves the device's ``driver`` link away; ENODEV when not bound to ``d``;
+- ``drivers_probe`` binds an unbound device to its ``driver_override`` if that driver is registered,
+  otherwise (override empty) to its native driver if loaded; nothing bound is not an error;
+- ``modprobe -r`` fails while the module has holders or a process holds one of its devices' nodes;
+  loading a module registers its drivers and probes the devices they match;
+- ``vtconN/bind`` and platform ``bind``/``unbind`` move the binding;
+- ``nr_hugepages`` grants only what the node's memory allows; compaction frees fragmented pages.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from janus_hooks.errors import KernelError
+
+from tests.fake.world import STATE, link, load_world, rmtree, unlink, write
+
+Fault = Callable[[int, str, str], bool]  # (operation number, operation, target) -> fail?
+
+
+class FakeKernel:
+    def __init__(self, root: Path, fail_at: int | None = None, fault: Fault | None = None) -> None:
+        self.root = Path(root)
+        self.ops = 0
+        self.log: list[tuple[str, str, str]] = []
+        self._fail_at = fail_at
+        self._fault = fault
+
+    # --- the Kernel seam -------------------------------------------------------------------------
+    def write(self, path: Path, value: str) -> None:
+        rel = os.path.relpath(path, self.root)
+        self._count("write", rel)
+        self.log.append(("write", rel, value))
+        handler = self._dispatch(rel)
+        if handler is None:
+            if not Path(path).exists():
+                raise KernelError(f"cannot open {path}: No such file or directory")
+            Path(path).write_text(value.strip() + "\n")
+            return
+        handler(rel, value.strip())
+
+    def load_module(self, name: str) -> None:
+        self._count("load", name)
+        self.log.append(("load", name, ""))
+        self._load(name.replace("-", "_"))
+
+    def unload_module(self, name: str) -> None:
+        self._count("unload", name)
+        self.log.append(("unload", name, ""))
+        name = name.replace("-", "_")
+        if not (self.root / "sys/module" / name / "refcnt").exists():
+            raise KernelError(f"unloading module {name} failed: modprobe: FATAL: Module {name} is not loaded")
+        holders = os.listdir(self.root / "sys/module" / name / "holders")
+        if holders:
+            raise KernelError(f"unloading module {name} failed: modprobe: FATAL: Module {name} is in use")
+        busy = self._processes_using_module(name)
+        if busy:
+            raise KernelError(f"unloading module {name} failed: modprobe: FATAL: Module {name} is in use")
+        self._unload(name)
+
+    # --- bookkeeping --------------------------------------------------------------------------------
+    def _count(self, op: str, target: str) -> None:
+        self.ops += 1
+        if self._fail_at == self.ops or (self._fault and self._fault(self.ops, op, target)):
+            raise KernelError(f"injected fault at operation {self.ops}: {op} {target}")
+
+    def _world(self) -> dict[str, Any]:
+        return load_world(self.root)
+
+    def _dispatch(self, rel: str):
+        parts = rel.split("/")
+        if rel == "sys/bus/pci/drivers_probe":
+            return self._probe
+        if rel.startswith("sys/bus/pci/drivers/") and parts[-1] in ("unbind", "bind"):
+            return self._pci_bind
+        if rel.startswith("sys/bus/pci/devices/") and parts[-1] == "driver_override":
+            return self._override
+        if rel.startswith("sys/class/vtconsole/") and parts[-1] == "bind":
+            return self._vtcon
+        if rel.startswith("sys/bus/platform/drivers/") and parts[-1] in ("unbind", "bind"):
+            return self._platform_bind
+        if parts[-1] == "nr_hugepages":
+            return self._hugepages
+        if rel == "proc/sys/vm/compact_memory":
+            return self._compact
+        return None
+
+    def _errno(self, rel: str, value: str, code: int) -> KernelError:
+        return KernelError(f"writing {value!r} to {self.root / rel} failed: {os.strerror(code)}")
+
+    # --- PCI ------------------------------------------------------------------------------------------
+    def _dev(self, address: str) -> Path:
+        return self.root / "sys/bus/pci/devices" / address
+
+    def _driver_of(self, address: str) -> str | None:
+        try:
+            return os.path.basename(os.readlink(self._dev(address) / "driver"))
+        except OSError:
+            return None
+
+    def _bind(self, address: str, driver: str) -> None:
+        link(self._dev(address) / "driver", f"../../../../bus/pci/drivers/{driver}")
+        link(self.root / "sys/bus/pci/drivers" / driver / address, f"../../../../devices/{address}")
+
+    def _unbind_dev(self, address: str) -> None:
+        driver = self._driver_of(address)
+        if driver:
+            unlink(self._dev(address) / "driver")
+            unlink(self.root / "sys/bus/pci/drivers" / driver / address)
+
+    def _override(self, rel: str, value: str) -> None:
+        write(self.root / rel, (value or "(null)") + "\n")
+
+    def _pci_bind(self, rel: str, value: str) -> None:
+        driver, op = rel.split("/")[-2:]
+        if not self._dev(value).exists():
+            raise self._errno(rel, value, errno.ENODEV)
+        if op == "unbind":
+            if self._driver_of(value) != driver:
+                raise self._errno(rel, value, errno.ENODEV)
+            self._unbind_dev(value)
+        else:
+            if self._driver_of(value) is not None:
+                raise self._errno(rel, value, errno.EBUSY)
+            self._bind(value, driver)
+
+    def _probe_one(self, address: str) -> None:
+        if self._driver_of(address) is not None:
+            return
+        override = (self._dev(address) / "driver_override").read_text().strip()
+        native = self._world()["devices"][address].get("native")
+        driver = override if override != "(null)" else native
+        if driver and (self.root / "sys/bus/pci/drivers" / driver).is_dir():
+            self._bind(address, driver)
+
+    def _probe(self, rel: str, value: str) -> None:
+        if not self._dev(value).exists():
+            raise self._errno(rel, value, errno.ENODEV)
+        self._probe_one(value)
+
+    # --- modules --------------------------------------------------------------------------------------
+    def _module_dir(self, name: str) -> Path:
+        return self.root / "sys/module" / name
+
+    def _load(self, name: str) -> None:
+        world = self._world()
+        spec = world["modules"].get(name)
+        if spec is None:
+            raise KernelError(f"loading module {name} failed: modprobe: FATAL: Module {name} not found")
+        if (self._module_dir(name) / "refcnt").exists():
+            return
+        for dep in spec.get("deps", []):
+            self._load(dep)
+            link(self._module_dir(dep) / "holders" / name, f"../../{name}")
+        write(self._module_dir(name) / "refcnt", "0\n")
+        (self._module_dir(name) / "holders").mkdir(exist_ok=True)
+        for driver in spec.get("drivers", []):
+            ddir = self.root / "sys/bus/pci/drivers" / driver
+            ddir.mkdir(parents=True, exist_ok=True)
+            write(ddir / "bind", "")
+            write(ddir / "unbind", "")
+            link(ddir / "module", f"../../../../module/{name}")
+        for address in sorted(world["devices"]):
+            self._probe_one(address)
+
+    def _unload(self, name: str) -> None:
+        world = self._world()
+        spec = world["modules"][name]
+        for driver in spec.get("drivers", []):
+            ddir = self.root / "sys/bus/pci/drivers" / driver
+            for address in sorted(world["devices"]):
+                if self._driver_of(address) == driver:
+                    self._unbind_dev(address)
+            rmtree(ddir)
+        for dep in spec.get("deps", []):
+            unlink(self._module_dir(dep) / "holders" / name)
+        rmtree(self._module_dir(name))
+        # Like modprobe -r: dependencies left without users go too.
+        for dep in spec.get("deps", []):
+            holders = self._module_dir(dep) / "holders"
+            if holders.is_dir() and not os.listdir(holders) and not self._processes_using_module(dep):
+                self._unload(dep)
+
+    def _processes_using_module(self, name: str) -> list[int]:
+        world = self._world()
+        drivers = set(world["modules"][name].get("drivers", []))
+        owned_nodes = {
+            node for node, owner in world.get("nodes", {}).items()
+            if owner == name or (owner in world["devices"] and self._driver_of(owner) in drivers)
+        }
+        busy = []
+        proc = self.root / "proc"
+        for pid in sorted(p for p in os.listdir(proc) if p.isdigit()) if proc.is_dir() else []:
+            fd_dir = proc / pid / "fd"
+            for fd in os.listdir(fd_dir) if fd_dir.is_dir() else []:
+                if os.readlink(fd_dir / fd) in owned_nodes:
+                    busy.append(int(pid))
+        return busy
+
+    # --- consoles -------------------------------------------------------------------------------------
+    def _vtcon(self, rel: str, value: str) -> None:
+        if value not in ("0", "1"):
+            raise self._errno(rel, value, errno.EINVAL)
+        write(self.root / rel, value + "\n")
+
+    def _platform_bind(self, rel: str, value: str) -> None:
+        driver, op = rel.split("/")[-2:]
+        dev = self.root / "sys/bus/platform/devices" / value
+        if not dev.exists():
+            raise self._errno(rel, value, errno.ENODEV)
+        current = os.path.basename(os.readlink(dev / "driver")) if (dev / "driver").is_symlink() else None
+        if op == "unbind":
+            if current != driver:
+                raise self._errno(rel, value, errno.ENODEV)
+            unlink(dev / "driver")
+        else:
+            if current is not None:
+                raise self._errno(rel, value, errno.EBUSY)
+            link(dev / "driver", f"../../drivers/{driver}")
+
+    # --- memory ---------------------------------------------------------------------------------------
+    def _hugepages(self, rel: str, value: str) -> None:
+        try:
+            asked = int(value)
+        except ValueError as err:
+            raise self._errno(rel, value, errno.EINVAL) from err
+        parts = rel.split("/")
+        size = int(parts[-2][len("hugepages-"):-2])
+        world = self._world()
+        nodes = sorted(int(n) for n in world["memory"][str(size)])
+        if parts[0:4] == ["sys", "devices", "system", "node"]:
+            self._set_node(size, int(parts[4][4:]), asked)
+        else:
+            # The global knob spreads pages over nodes round-robin, each as far as its memory allows.
+            current = {n: self._node_total(size, n) for n in nodes}
+            target = dict(current)
+            want = asked
+            if want < sum(current.values()):
+                for n in reversed(nodes):
+                    drop = min(target[n], sum(target.values()) - want)
+                    target[n] -= drop
+            else:
+                while sum(target.values()) < want:
+                    grew = False
+                    for n in nodes:
+                        if sum(target.values()) < want and target[n] < self._capacity(size, n):
+                            target[n] += 1
+                            grew = True
+                    if not grew:
+                        break
+            for n in nodes:
+                self._set_node(size, n, target[n])
+        self._sync_global(size, nodes)
+
+    def _capacity(self, size: int, node: int) -> int:
+        mem = self._world()["memory"][str(size)][str(node)]
+        compacted = (self.root / STATE / "compacted").exists()
+        return mem["pages"] + (mem.get("fragmented", 0) if compacted else 0)
+
+    def _node_dir(self, size: int, node: int) -> Path:
+        return self.root / f"sys/devices/system/node/node{node}/hugepages/hugepages-{size}kB"
+
+    def _node_total(self, size: int, node: int) -> int:
+        return int((self._node_dir(size, node) / "nr_hugepages").read_text())
+
+    def _set_node(self, size: int, node: int, asked: int) -> None:
+        granted = max(0, min(asked, self._capacity(size, node)))
+        write(self._node_dir(size, node) / "nr_hugepages", f"{granted}\n")
+        write(self._node_dir(size, node) / "free_hugepages", f"{granted}\n")
+
+    def _sync_global(self, size: int, nodes: list[int]) -> None:
+        total = sum(self._node_total(size, n) for n in nodes)
+        base = self.root / f"sys/kernel/mm/hugepages/hugepages-{size}kB"
+        write(base / "nr_hugepages", f"{total}\n")
+        write(base / "free_hugepages", f"{total}\n")
+
+    def _compact(self, rel: str, value: str) -> None:
+        write(self.root / STATE / "compacted", "1\n")

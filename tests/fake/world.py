@@ -1,0 +1,98 @@
+"""The static description of a fake host (``.fake/world.json`` in its tree) and its mutable fake-only state.
+
+Everything the real kernel would show lives in the tree itself (``sys/``, ``proc/``, ``run/``) so that a
+fresh process (recovery after a ``kill -9``) sees exactly what the killed one left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+WORLD = ".fake/world.json"
+STATE = ".fake/state"  # fake-only bookkeeping, not part of what a host shows
+
+
+def load_world(root: Path) -> dict[str, Any]:
+    return json.loads((root / WORLD).read_text())
+
+
+def save_world(root: Path, world: dict[str, Any]) -> None:
+    (root / WORLD).parent.mkdir(parents=True, exist_ok=True)
+    (root / WORLD).write_text(json.dumps(world, indent=1, sort_keys=True))
+
+
+def write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def link(path: Path, target: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_symlink():
+        path.unlink()
+    os.symlink(target, path)
+
+
+def unlink(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+
+
+def rmtree(path: Path) -> None:
+    if path.is_symlink():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+
+
+def spawn_process(root: Path, proc: dict[str, Any]) -> None:
+    """Create /proc/<pid> for a process description: comm, cgroup, uid and the device nodes it holds."""
+    base = root / "proc" / str(proc["pid"])
+    write(base / "comm", proc["comm"] + "\n")
+    write(base / "cgroup", f"0::{proc.get('cgroup', '/')}\n")
+    uid = proc.get("uid", 0)
+    write(base / "status", f"Name:\t{proc['comm']}\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n")
+    (base / "fd").mkdir(parents=True, exist_ok=True)
+    (base / "fdinfo").mkdir(parents=True, exist_ok=True)
+    for number, target in enumerate(proc.get("fds", []), start=3):
+        link(base / "fd" / str(number), target)
+        flags = "010000002" if proc.get("opath") else "02"
+        write(base / "fdinfo" / str(number), f"pos:\t0\nflags:\t{flags}\nmnt_id:\t20\n")
+
+
+def kill_process(root: Path, pid: int) -> None:
+    rmtree(root / "proc" / str(pid))
+
+
+def snapshot_tree(root: Path) -> dict[str, tuple[str, str]]:
+    """Every file, link and directory below ``root`` with its content: equal snapshots mean equal hosts."""
+    result: dict[str, tuple[str, str]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = os.path.relpath(dirpath, root)
+        if rel_dir == ".fake" or rel_dir.startswith(".fake" + os.sep):
+            dirnames[:] = []
+            continue
+        # Janus's own state (journals, logs, lock) is not host state.
+        if rel_dir.startswith(("var/lib/janus-hooks", "var/log/janus-hooks")):
+            dirnames[:] = []
+            continue
+        for name in sorted(dirnames):
+            full = os.path.join(dirpath, name)
+            rel = os.path.normpath(os.path.join(rel_dir, name))
+            if os.path.islink(full):
+                result[rel] = ("link", os.readlink(full))
+                dirnames.remove(name)
+            else:
+                result[rel] = ("dir", "")
+        for name in filenames:
+            full = os.path.join(dirpath, name)
+            rel = os.path.normpath(os.path.join(rel_dir, name))
+            if os.path.islink(full):
+                result[rel] = ("link", os.readlink(full))
+            else:
+                result[rel] = ("file", Path(full).read_text())
+    return result
