@@ -52,13 +52,16 @@ def _open_real(root: str):
 def _managed(vm: str, phase: tuple[str, str], xml: str, root: str, stderr, open_janus) -> int:
     # Everything below is the slow path: only a managed VM at a phase that matters gets here.
     from janus_hooks.domain import parse_domain
-    from janus_hooks.errors import JanusError
+    from janus_hooks.errors import ConfigError, JanusError
 
     try:
         janus = open_janus(root)
         janus.setup_logging()
         if phase == PREPARE:
-            plan, report = janus.prepare(parse_domain(xml))
+            spec = parse_domain(xml)
+            if spec.name != vm:
+                raise ConfigError(f"hook called for VM {vm!r} with the definition of VM {spec.name!r}")
+            plan, report = janus.prepare(spec)
             if report is not None:
                 total = sum(s.seconds for s in report.steps)
                 janus_log(f"VM {vm}: prepared {len(report.steps)} step(s) in {total * 1000:.0f} ms")

@@ -7,13 +7,12 @@ import os
 CONFIG_DIR = "etc/janus-hooks"
 STATE_DIR = "var/lib/janus-hooks"
 LOG_DIR = "var/log/janus-hooks"
-_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
 
 def vm_filename(vm: str) -> str:
-    """A VM name as one safe file name: anything but [A-Za-z0-9._-] percent-encoded (spaces, quotes, /)."""
-    name = "".join(c if c in _SAFE else "".join(f"%{b:02X}" for b in c.encode()) for c in vm)
-    # "." and ".." are names libvirt accepts but no file can have.
+    """A VM name as one file name a person recognises: kept as is (spaces, quotes and all) but for
+    "%" and "/" which are percent-encoded, and the names "." and ".."."""
+    name = vm.replace("%", "%25").replace("/", "%2F")
     return name.replace(".", "%2E") if name in (".", "..") else name
 
 

@@ -303,4 +303,4 @@ def _vfio(b: _Builder, addresses: tuple[str, ...]) -> None:
         if b.snap.devices[address].driver == VFIO_DRIVER:
             b.notes.append(f"{address} is already bound to {VFIO_DRIVER}")
         else:
-            b.actions.append(BindVfio(address))
+            b.actions.append(BindVfio(address, b.snap.devices[address].driver))

@@ -52,6 +52,17 @@ def domain_xml(name: str = "win11", hostdevs: tuple[str, ...] = (), mode: str | 
     )
 
 
+FAST_TIMEOUTS = """
+[timeouts]
+unit_stop = 0.3
+release = 0.3
+driver = 0.3
+module = 0.3
+hugepages = 0.3
+lock = 2
+"""
+
+
 class FakeHost:
     """A fake host tree plus the collaborators that animate it; runs the real hook entry against it."""
 
@@ -61,10 +72,18 @@ class FakeHost:
         self.services = FakeServices(root)
         self.runner = FakeRunner(root)
 
-    def janus(self, root: str | None = None) -> Janus:
-        # Instant clock and sleep: waits still poll the fake tree, but a timeout costs no wall time.
-        j = Janus.open(Host(self.root, self.kernel), services=self.services, runner=self.runner)
-        return j
+    def janus(self, root: str | None = None, observer=None) -> Janus:
+        kwargs = {"observer": observer} if observer else {}
+        return Janus.open(Host(self.root, self.kernel), services=self.services, runner=self.runner, **kwargs)
+
+    def config(self, text: str) -> None:
+        """Write etc/janus-hooks/janus.toml as the person would."""
+        path = self.root / "etc/janus-hooks/janus.toml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+    def journal_vms(self) -> list[str]:
+        return self.janus().store.vms()
 
     def hook(self, vm: str, op: str, sub: str, xml: str) -> tuple[int, str]:
         err = io.StringIO()
@@ -90,6 +109,9 @@ def fake(tmp_path: Path):
     def make(build, fail_at: int | None = None, **kwargs) -> FakeHost:
         root = tmp_path / "host"
         build(root, **kwargs)
-        return FakeHost(root, fail_at=fail_at)
+        host = FakeHost(root, fail_at=fail_at)
+        # Short timeouts: a step that cannot succeed on the fake host fails in a fraction of a second.
+        host.config(FAST_TIMEOUTS)
+        return host
 
     return make

@@ -91,6 +91,9 @@ class BindVfio(Action):
 
     kind = "bind-vfio"
     address: str
+    # The driver the planner saw: by the time this step runs, unloading its module may have unbound the
+    # device already, and that capture alone would not know where the device belongs.
+    host_driver: str | None = None
 
     def describe(self) -> str:
         return f"bind {self.address} to {VFIO_DRIVER}"
@@ -121,7 +124,7 @@ class BindVfio(Action):
 
     def revert(self, ctx: Context, old: dict[str, Any]) -> None:
         host = ctx.host
-        old_driver, old_override = old.get("driver"), old.get("override")
+        old_driver, old_override = old.get("driver") or self.host_driver, old.get("override")
         if host.pci_driver_override(self.address) != old_override:
             # An empty write clears driver_override (the kernel shows "(null)" again).
             host.kernel.write(host.pci_dir(self.address) / "driver_override", old_override or "\n")

@@ -83,6 +83,11 @@ class HostBuilder:
             self.world["nodes"][f"/dev/dri/{name}"] = address
         return self
 
+    def nvidia_minor(self, address: str, minor: int) -> HostBuilder:
+        write(self.root / "proc/driver/nvidia/gpus" / address / "information",
+              f"Model: \t\t NVIDIA GeForce RTX 3060 Ti\nDevice Minor: \t {minor}\nBus Location: \t {address}\n")
+        return self
+
     def node(self, node: str, owner: str) -> HostBuilder:
         """A device node owned by a module (``/dev/nvidiactl`` -> nvidia) or a PCI device."""
         self.world["nodes"][node] = owner

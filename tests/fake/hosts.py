@@ -46,6 +46,7 @@ def single_nvidia(root: Path, fb: str | None = "efifb", dm: str = "gdm3.service"
     b.pci("0000:01:00.2", "0x10de", "0x1aec", "0x0c0330", "xhci_hcd", 1)
     b.pci("0000:01:00.3", "0x10de", "0x1aed", "0x0c8000", "nvidia-gpu", 1)
     b.drm(0, NVIDIA_GPU)
+    b.nvidia_minor(NVIDIA_GPU, 0)
     b.fbcon()
     if fb:
         b.framebuffer(fb)
