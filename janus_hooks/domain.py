@@ -6,7 +6,6 @@ import re
 from dataclasses import dataclass, field
 from xml.etree import ElementTree
 
-
 from janus_hooks.errors import ConfigError
 
 PROFILE_NS = "https://janus-hooks.org/xmlns/profile/1"

@@ -42,11 +42,11 @@ def main(argv: list[str], root: str = "/", stdin=None, stderr=None, open_janus=N
     return _managed(vm, phase, xml, root, stderr, open_janus or _open_real)
 
 
-def _open_real(root: str):
+def _open_real(root: str, restoring: bool = False):
     from janus_hooks.host import Host
     from janus_hooks.runtime import Janus
 
-    return Janus.open(Host(root))
+    return Janus.open(Host(root), restoring=restoring)
 
 
 def _managed(vm: str, phase: tuple[str, str], xml: str, root: str, stderr, open_janus) -> int:
@@ -55,7 +55,7 @@ def _managed(vm: str, phase: tuple[str, str], xml: str, root: str, stderr, open_
     from janus_hooks.errors import ConfigError, JanusError
 
     try:
-        janus = open_janus(root)
+        janus = open_janus(root, restoring=phase in (RELEASE, RECONNECT))
         janus.setup_logging()
         if phase == PREPARE:
             spec = parse_domain(xml)

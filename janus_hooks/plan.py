@@ -32,7 +32,7 @@ from janus_hooks.actions import (
 from janus_hooks.config import Config
 from janus_hooks.domain import DomainSpec
 from janus_hooks.errors import PlanRefused
-from janus_hooks.gpu import Backend, backend_for, nodes_for
+from janus_hooks.gpu import backend_for, nodes_for
 from janus_hooks.host import Module, PciDevice, ProcessHold
 from janus_hooks.snapshot import HostSnapshot
 

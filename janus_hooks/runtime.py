@@ -10,6 +10,7 @@ from janus_hooks.actions import Context
 from janus_hooks.config import Config, load_config, load_profile
 from janus_hooks.domain import DomainSpec
 from janus_hooks.engine import Engine, Observer, RunReport, _no_observer
+from janus_hooks.errors import JanusError
 from janus_hooks.files import ensure_private_dir
 from janus_hooks.host import Host, Runner, Services, SubprocessRunner, SystemdServices
 from janus_hooks.journal import JournalStore
@@ -29,9 +30,19 @@ class Janus:
 
     @classmethod
     def open(cls, host: Host, services: Services | None = None, runner: Runner | None = None,
-             observer: Observer = _no_observer) -> Janus:
-        """Load the host's config (refusing unsafe files) and wire the real collaborators by default."""
-        config = load_config(host.config_dir())
+             observer: Observer = _no_observer, restoring: bool = False) -> Janus:
+        """Load the host's config (refusing unsafe files) and wire the real collaborators by default.
+
+        ``restoring``: a config that cannot be used must not keep the desktop from coming back; the
+        defaults are enough to replay a journal (what to run is in the journal itself).
+        """
+        try:
+            config = load_config(host.config_dir())
+        except JanusError as err:
+            if not restoring:
+                raise
+            log.warning("%s; replaying with default settings", err)
+            config = Config()
         runner = runner or SubprocessRunner()
         services = services or SystemdServices(runner)
         ctx = Context(host=host, config=config, services=services, runner=runner)
@@ -77,6 +88,10 @@ class Janus:
         except OSError:
             return
         handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
+        handler.set_name("janus-hooks-file")
         root = logging.getLogger("janus_hooks")
+        for old in [h for h in root.handlers if h.get_name() == "janus-hooks-file"]:
+            root.removeHandler(old)
+            old.close()
         root.addHandler(handler)
         root.setLevel(self.config.log_level.upper())

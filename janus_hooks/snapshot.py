@@ -5,7 +5,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from janus_hooks.host import Framebuffer, Host, HugepagePool, Module, PciDevice, ProcessHold, Session, VtConsole
+from janus_hooks.host import (
+    Framebuffer,
+    Host,
+    HugepagePool,
+    Module,
+    PciDevice,
+    ProcessHold,
+    Session,
+    VtConsole,
+)
 
 DISPLAY_MANAGER_ALIAS = "display-manager.service"
 KNOWN_DISPLAY_MANAGERS = (

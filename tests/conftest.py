@@ -10,7 +10,6 @@ import pytest
 from janus_hooks import hook
 from janus_hooks.host import Host
 from janus_hooks.runtime import Janus
-
 from tests.fake.kernel import FakeKernel
 from tests.fake.services import FakeRunner, FakeServices
 from tests.fake.world import snapshot_tree
@@ -72,9 +71,10 @@ class FakeHost:
         self.services = FakeServices(root)
         self.runner = FakeRunner(root)
 
-    def janus(self, root: str | None = None, observer=None) -> Janus:
+    def janus(self, root: str | None = None, observer=None, restoring: bool = False) -> Janus:
         kwargs = {"observer": observer} if observer else {}
-        return Janus.open(Host(self.root, self.kernel), services=self.services, runner=self.runner, **kwargs)
+        return Janus.open(Host(self.root, self.kernel), services=self.services, runner=self.runner,
+                          restoring=restoring, **kwargs)
 
     def config(self, text: str) -> None:
         """Write etc/janus-hooks/janus.toml as the person would."""

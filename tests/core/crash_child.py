@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 from janus_hooks.domain import parse_domain
-
 from tests.conftest import FakeHost
 
 

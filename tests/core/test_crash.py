@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from janus_hooks.domain import parse_domain
-
 from tests.conftest import FAST_TIMEOUTS, FakeHost, domain_xml
 from tests.core.helpers import assert_same_tree
 from tests.fake import hosts

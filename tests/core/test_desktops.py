@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from janus_hooks.domain import parse_domain
-
 from tests.conftest import domain_xml
 from tests.core.helpers import assert_same_tree, diff
 from tests.fake import hosts

@@ -6,7 +6,6 @@ import pytest
 
 from janus_hooks.domain import parse_domain, parse_nodeset, to_kib
 from janus_hooks.errors import ConfigError
-
 from tests.conftest import domain_xml
 
 

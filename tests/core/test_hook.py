@@ -67,8 +67,22 @@ def test_reconnect_never_fails_and_changes_nothing(fake):
     assert_same_tree(during, h.snapshot())
     # Even a broken config must not make libvirt kill a running VM on reconnect.
     (h.root / "etc/janus-hooks/janus.toml").write_text("this is [not toml")
-    code, err = h.hook("win11", "reconnect", "begin", xml)
-    assert code == 0 and "janus.toml" in err
+    assert h.hook("win11", "reconnect", "begin", xml) == (0, "")
+
+
+def test_broken_config_refuses_a_start_but_not_the_release(fake):
+    h = fake(hosts.single_nvidia)
+    xml = domain_xml(hostdevs=hosts.NVIDIA_FUNCTIONS)
+    before = h.snapshot()
+    assert h.hook("win11", "prepare", "begin", xml)[0] == 0
+    (h.root / "etc/janus-hooks/janus.toml").write_text("this is [not toml")
+    assert h.hook("win11", "release", "end", xml) == (0, "")
+    before.pop("etc/janus-hooks/janus.toml")
+    after = h.snapshot()
+    after.pop("etc/janus-hooks/janus.toml")
+    assert_same_tree(before, after)
+    code, err = h.hook("win11", "prepare", "begin", xml)
+    assert code == 1 and "janus.toml" in err
 
 
 def test_vm_names_with_spaces_and_quotes(fake):

@@ -10,7 +10,6 @@ import pytest
 
 from janus_hooks.errors import JournalError, UnsafeStateError
 from janus_hooks.journal import JournalStore, parse_journal
-
 from tests.conftest import domain_xml
 from tests.core.helpers import assert_same_tree
 from tests.fake import hosts

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from janus_hooks.errors import KernelError
-
 from tests.fake.world import STATE, link, load_world, rmtree, unlink, write
 
 Fault = Callable[[int, str, str], bool]  # (operation number, operation, target) -> fail?

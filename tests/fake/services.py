@@ -12,7 +12,6 @@ from pathlib import Path
 
 from janus_hooks.errors import CommandFailed
 from janus_hooks.host.runner import Result
-
 from tests.fake.world import kill_process, load_world, spawn_process, unlink, write
 
 UNIT_STATE = "run/fake-systemd"
