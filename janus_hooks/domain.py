@@ -137,7 +137,8 @@ def _hugepages(root, memory_kb: int) -> HugepageRequest | None:
         int(m.get("cellid", "0")): parse_nodeset(m.get("nodeset", "0")) for m in root.findall("numatune/memnode")
     }
     numatune = root.find("numatune/memory")
-    host_nodes = parse_nodeset(numatune.get("nodeset", "")) if numatune is not None and numatune.get("nodeset") else None
+    nodeset = numatune.get("nodeset") if numatune is not None else None
+    host_nodes = parse_nodeset(nodeset) if nodeset else None
 
     per_node: dict[int | None, int] = {}
     if cells and memnodes:
