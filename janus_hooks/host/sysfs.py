@@ -379,6 +379,67 @@ class Host:
     def libvirt_hooks_dir(self) -> Path:
         return self.path("etc/libvirt/hooks")
 
+    # --- what `janus-hooks install`, `check` and `status` look at ----------------------------------------
+    def udev_rules_dir(self) -> Path:
+        return self.path("etc/udev/rules.d")
+
+    def systemd_unit_dir(self) -> Path:
+        return self.path("etc/systemd/system")
+
+    def udev_running(self) -> bool:
+        # udevd's control socket: `udevadm control` fails without it (containers, chroots).
+        return self.path("run/udev/control").exists()
+
+    def pid_file(self, daemon: str) -> Path:
+        return self.path("run", f"{daemon}.pid")
+
+    def daemon_pid(self, daemon: str) -> int | None:
+        """The pid in run/<daemon>.pid if that process still runs under that name (pid files go stale)."""
+        pid = _int(_read(self.pid_file(daemon)), 0)
+        if pid <= 0:
+            return None
+        # comm is cut to 15 characters by the kernel.
+        return pid if self.process_command(pid) == daemon[:15] else None
+
+    def program(self, name: str) -> Path | None:
+        """An executable installed below the root (usr/sbin/libvirtd), or None."""
+        for directory in ("usr/local/sbin", "usr/local/bin", "usr/sbin", "usr/bin", "sbin", "bin"):
+            candidate = self.path(directory, name)
+            if candidate.is_file() and os.access(candidate, os.X_OK):
+                return candidate
+        return None
+
+    def kernel_release(self) -> str:
+        return _read(self.path("proc/sys/kernel/osrelease"))
+
+    def module_available(self, name: str) -> bool:
+        """Loaded, built in, or on disk for the running kernel (modules.dep / modules.builtin)."""
+        name = name.replace("-", "_")
+        if self.path("sys/module", name).is_dir():
+            return True
+        base = self.path("lib/modules", self.kernel_release())
+        for index in ("modules.builtin", "modules.dep"):
+            for line in _read(base / index).splitlines():
+                leaf = line.split(":", 1)[0].rsplit("/", 1)[-1]
+                if leaf.split(".ko", 1)[0].replace("-", "_") == name:
+                    return True
+        return False
+
+    def kvm_device(self) -> bool:
+        return self.path("dev/kvm").exists()
+
+    def vm_process(self, vm: str) -> int | None:
+        """The pid of a QEMU started by libvirt for ``vm`` (``-name guest=<vm>,...``), or None."""
+        for pid in self._pids():
+            try:
+                args = self.path("proc", str(pid), "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            for flag, value in zip(args, args[1:], strict=False):
+                if flag == b"-name" and _qemu_guest_name(value.decode(errors="replace")) == vm:
+                    return pid
+        return None
+
 
 def _unit_of(cgroup: str) -> str | None:
     """The system unit a cgroup path belongs to (/system.slice/gdm.service -> gdm.service)."""
@@ -394,3 +455,18 @@ def _session_of(cgroup: str) -> str | None:
         if part.startswith("session-") and part.endswith(".scope"):
             return part[len("session-") : -len(".scope")]
     return None
+
+
+def _qemu_guest_name(value: str) -> str:
+    """The guest name in QEMU's ``-name`` value: ``guest=a,,b,debug-threads=on`` -> ``a,b``."""
+    if value.startswith("guest="):
+        value = value[len("guest="):]
+    name, i = [], 0
+    while i < len(value):
+        if value[i] == ",":
+            if value[i + 1 : i + 2] != ",":
+                break
+            i += 1
+        name.append(value[i])
+        i += 1
+    return "".join(name)
