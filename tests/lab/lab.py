@@ -31,12 +31,17 @@ from typing import IO, Iterator, Mapping, Sequence
 HERE = Path(__file__).resolve().parent
 TOP = HERE.parent.parent
 BUILD = TOP / "build" / "lab"
+CACHE = BUILD / "cache"
 
 BEGIN = "@@janus-lab: begin@@"
 END_RE = re.compile(r"@@janus-lab: end rc=(\d+)@@")
 FAILED_RE = re.compile(r"@@janus-lab: failed: (.*)@@")
 # SeaBIOS paints the serial console with terminal escapes before the kernel starts.
 ESCAPES_RE = re.compile(r"\x1b(\[[0-9;?]*[A-Za-z]|c)")
+
+# Paths that start empty in the lab (tmpfs) instead of showing the machine's live state: the lab's
+# libvirtd begins with no hooks and no domains of the machine that runs it.
+FRESH_DEFAULT = ("/etc/libvirt/hooks", "/etc/libvirt/qemu")
 
 # Exit statuses of a run that did not produce the command's own status.
 RC_TIMEOUT = 124
@@ -137,6 +142,9 @@ def qemu_argv(lab: Mapping[str, str], out_dir: Path, mem: int, inner_timeout: in
         "-device", "virtio-9p-pci,fsdev=host,mount_tag=host,addr=03.0",
         "-fsdev", f"local,id=out,path={out_dir},security_model=none,multidevs=remap",
         "-device", "virtio-9p-pci,fsdev=out,mount_tag=out,addr=04.0",
+        # Writable and kept between runs: what is slow to compute under TCG (libvirt's QEMU probe).
+        "-fsdev", f"local,id=cache,path={CACHE},security_model=none,multidevs=remap",
+        "-device", "virtio-9p-pci,fsdev=cache,mount_tag=cache,addr=05.0",
     ]
 
 
@@ -155,11 +163,13 @@ def run_in_lab(
     out_dir: Path | str | None = None,
     stream: IO[str] | None = None,
     verbose: bool = False,
+    fresh: Sequence[str] = FRESH_DEFAULT,
 ) -> LabResult:
     """Boot the lab, run ``argv`` in it and return its exit status, output and results directory.
 
     ``timeout`` bounds the whole run (build, boot, command, power-off). ``stream`` receives the console
-    as it arrives. A timeout gives status 124, a lab that failed to boot 125; ``message`` says which.
+    as it arrives. ``fresh`` lists absolute paths that start as empty directories (tmpfs) in the lab.
+    A timeout gives status 124, a lab that failed to boot 125; ``message`` says which.
     """
     if not argv:
         raise ValueError("run_in_lab needs a command")
@@ -168,6 +178,7 @@ def run_in_lab(
     lab = build(stream if verbose else None, timeout=max(1.0, timeout))
     out = Path(out_dir).resolve() if out_dir is not None else new_out_dir()
     out.mkdir(parents=True, exist_ok=True)
+    CACHE.mkdir(parents=True, exist_ok=True)
     meta = out / ".lab"
     meta.mkdir(exist_ok=True)
     for stale in ("status", "failed"):
@@ -175,6 +186,10 @@ def run_in_lab(
     workdir = Path(cwd).resolve() if cwd is not None else TOP
     (meta / "cmd.sh").write_text(command_script(argv, workdir, env or {}, out))
     (meta / "hostpath").write_text(f"{out}\n")
+    for path in fresh:
+        if not path.startswith("/") or "\n" in path:
+            raise ValueError(f"fresh paths must be absolute: {path!r}")
+    (meta / "fresh").write_text("".join(f"{p}\n" for p in fresh))
     remaining = deadline - time.monotonic()
     inner = inner_timeout_for(remaining)
     if stream is not None:
@@ -259,13 +274,20 @@ def main(args: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="tests/lab/run",
         description="Run COMMAND as root inside the real-kernel lab and exit with its status.",
-        usage="%(prog)s [--timeout SECONDS] [--mem MiB] [--out DIR] [--env KEY=VALUE]... -- COMMAND [ARGS...]",
+        usage="%(prog)s [--timeout SECONDS] [--mem MiB] [--out DIR] [--env KEY=VALUE]... [--fresh PATH]... "
+        "-- COMMAND [ARGS...]",
     )
     parser.add_argument("--timeout", type=float, default=300, help="bound on the whole run (default 300 s)")
     parser.add_argument("--mem", type=int, default=1536, help="lab memory in MiB (default 1536)")
     parser.add_argument("--out", help="results directory (default: a fresh one under build/lab/runs/)")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="set in the command's environment")
     parser.add_argument("--cwd", help="working directory inside the lab (default: the repository)")
+    parser.add_argument(
+        "--fresh",
+        action="append",
+        metavar="PATH",
+        help=f"start PATH as an empty tmpfs in the lab (repeatable; default: {' '.join(FRESH_DEFAULT)})",
+    )
     parser.add_argument("--verbose", action="store_true", help="full kernel log and build output")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     opts = parser.parse_args(args)
@@ -288,6 +310,7 @@ def main(args: Sequence[str] | None = None) -> int:
             out_dir=opts.out,
             stream=sys.stdout,
             verbose=opts.verbose,
+            fresh=FRESH_DEFAULT if opts.fresh is None else opts.fresh,
         )
     except (LabError, subprocess.TimeoutExpired, OSError) as err:
         print(f"lab: cannot run the lab: {err}", file=sys.stderr)
