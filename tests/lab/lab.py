@@ -17,7 +17,6 @@ Standard library only, so it runs before the project's virtualenv exists::
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import shlex
 import subprocess
@@ -25,8 +24,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Iterator, Mapping, Sequence
+from typing import IO
 
 HERE = Path(__file__).resolve().parent
 TOP = HERE.parent.parent
@@ -42,6 +42,9 @@ ESCAPES_RE = re.compile(r"\x1b(\[[0-9;?]*[A-Za-z]|c)")
 # Paths that start empty in the lab (tmpfs) instead of showing the machine's live state: the lab's
 # libvirtd begins with no hooks and no domains of the machine that runs it.
 FRESH_DEFAULT = ("/etc/libvirt/hooks", "/etc/libvirt/qemu")
+
+# The lab mounts its own /tmp, /run, /proc, /sys and /dev: nothing of the machine's there is visible.
+HIDDEN_TOPS = ("tmp", "run", "proc", "sys", "dev")
 
 # Exit statuses of a run that did not produce the command's own status.
 RC_TIMEOUT = 124
@@ -120,32 +123,30 @@ def qemu_argv(lab: Mapping[str, str], out_dir: Path, mem: int, inner_timeout: in
         f"lab.timeout={inner_timeout}",
     ]
     append += ["loglevel=7"] if verbose else ["quiet"]
-    return [
-        "qemu-system-x86_64",
-        "-M", "q35,kernel-irqchip=split",
-        "-accel", "tcg",  # KVM is not usable on our machines
-        "-device", "intel-iommu,intremap=on,caching-mode=on",
-        "-m", str(mem),
-        "-smp", "2",
-        "-nographic",
-        "-no-reboot",
-        "-kernel", lab["KERNEL"],
-        "-initrd", lab["INITRD"],
-        "-append", " ".join(append),
+    options = [
+        ("-M", "q35,kernel-irqchip=split"),
+        ("-accel", "tcg"),  # KVM is not usable on our machines
+        ("-device", "intel-iommu,intremap=on,caching-mode=on"),
+        ("-m", str(mem)),
+        ("-smp", "2"),
+        ("-kernel", lab["KERNEL"]),
+        ("-initrd", lab["INITRD"]),
+        ("-append", " ".join(append)),
         # Fixed addresses keep the PCI layout (and so the IOMMU group numbers: the GPU is group 2)
         # the same as a machine with a NIC at 00:01.0 and the GPU at 00:02.0.
-        "-nic", "none",
-        "-netdev", "user,id=lan,restrict=on",
-        "-device", "e1000e,netdev=lan,addr=01.0,romfile=",  # no iPXE ROM: it only slows the boot
-        "-device", "VGA,addr=02.0",
-        "-fsdev", "local,id=host,path=/,security_model=none,readonly=on,multidevs=remap",
-        "-device", "virtio-9p-pci,fsdev=host,mount_tag=host,addr=03.0",
-        "-fsdev", f"local,id=out,path={out_dir},security_model=none,multidevs=remap",
-        "-device", "virtio-9p-pci,fsdev=out,mount_tag=out,addr=04.0",
+        ("-nic", "none"),
+        ("-netdev", "user,id=lan,restrict=on"),
+        ("-device", "e1000e,netdev=lan,addr=01.0,romfile="),  # no iPXE ROM: it only slows the boot
+        ("-device", "VGA,addr=02.0"),
+        ("-fsdev", "local,id=host,path=/,security_model=none,readonly=on,multidevs=remap"),
+        ("-device", "virtio-9p-pci,fsdev=host,mount_tag=host,addr=03.0"),
+        ("-fsdev", f"local,id=out,path={out_dir},security_model=none,multidevs=remap"),
+        ("-device", "virtio-9p-pci,fsdev=out,mount_tag=out,addr=04.0"),
         # Writable and kept between runs: what is slow to compute under TCG (libvirt's QEMU probe).
-        "-fsdev", f"local,id=cache,path={CACHE},security_model=none,multidevs=remap",
-        "-device", "virtio-9p-pci,fsdev=cache,mount_tag=cache,addr=05.0",
+        ("-fsdev", f"local,id=cache,path={CACHE},security_model=none,multidevs=remap"),
+        ("-device", "virtio-9p-pci,fsdev=cache,mount_tag=cache,addr=05.0"),
     ]
+    return ["qemu-system-x86_64", "-nographic", "-no-reboot"] + [word for pair in options for word in pair]
 
 
 def inner_timeout_for(timeout: float) -> int:
@@ -175,7 +176,7 @@ def run_in_lab(
         raise ValueError("run_in_lab needs a command")
     started = time.monotonic()
     deadline = started + timeout
-    lab = build(stream if verbose else None, timeout=max(1.0, timeout))
+    lab = build(stream, timeout=max(1.0, timeout))
     out = Path(out_dir).resolve() if out_dir is not None else new_out_dir()
     out.mkdir(parents=True, exist_ok=True)
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -184,6 +185,9 @@ def run_in_lab(
     for stale in ("status", "failed"):
         (meta / stale).unlink(missing_ok=True)
     workdir = Path(cwd).resolve() if cwd is not None else TOP
+    for path in (workdir, out):
+        if path.parts[1:2] and path.parts[1] in HIDDEN_TOPS:
+            raise LabError(f"{path} is hidden inside the lab (its /{path.parts[1]} is its own); move it elsewhere")
     (meta / "cmd.sh").write_text(command_script(argv, workdir, env or {}, out))
     (meta / "hostpath").write_text(f"{out}\n")
     for path in fresh:
@@ -230,9 +234,11 @@ def run_in_lab(
         proc.wait(timeout=max(0.1, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
         timed_out = True
-        proc.kill()
-        proc.wait(timeout=10)
     finally:
+        # Also on KeyboardInterrupt: never leave a lab running behind the caller.
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
         reader.join(timeout=10)
         log.close()
     total = time.monotonic() - started
@@ -260,7 +266,7 @@ def run_in_lab(
     else:
         rc = RC_LAB_FAILED
         why = failed.group(1) if failed else f"QEMU exited with status {proc.returncode} before the command ran"
-        message = f"lab: boot failed: {why}; console in {out}/console.log"
+        message = f"lab: boot failed: {why}; console in {out}/console.log (--verbose shows the kernel log)"
     if not message and rc == RC_TIMEOUT and "timeout: sending signal" in output:
         message = f"lab: the command timed out after {inner} s inside the lab"
     boot = boot_at[0] if boot_at else None
@@ -280,7 +286,9 @@ def main(args: Sequence[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=300, help="bound on the whole run (default 300 s)")
     parser.add_argument("--mem", type=int, default=1536, help="lab memory in MiB (default 1536)")
     parser.add_argument("--out", help="results directory (default: a fresh one under build/lab/runs/)")
-    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="set in the command's environment")
+    parser.add_argument(
+        "--env", action="append", default=[], metavar="KEY=VALUE", help="set in the command's environment"
+    )
     parser.add_argument("--cwd", help="working directory inside the lab (default: the repository)")
     parser.add_argument(
         "--fresh",
@@ -288,7 +296,7 @@ def main(args: Sequence[str] | None = None) -> int:
         metavar="PATH",
         help=f"start PATH as an empty tmpfs in the lab (repeatable; default: {' '.join(FRESH_DEFAULT)})",
     )
-    parser.add_argument("--verbose", action="store_true", help="full kernel log and build output")
+    parser.add_argument("--verbose", action="store_true", help="full kernel log on the console")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     opts = parser.parse_args(args)
     command = opts.command[1:] if opts.command[:1] == ["--"] else opts.command
