@@ -1,0 +1,48 @@
+"""bench/run runs end to end on its cheap rows and prints a table with ratios. No timing is asserted here:
+the benchmark's own output is the record, and this machine's load is nobody's test failure."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CHEAP = ("hook", "engine")  # no root, no real kernel state, a few seconds with --quick
+
+
+def test_quick_cheap_rows_print_a_table_with_ratios(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench/run"), "--quick", "--json", str(out), "--only", *CHEAP],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    header = next(line for line in lines if line.lstrip().startswith("#  row"))
+    for column in ("row", "value", "baseline", "ratio", "goal", "spread", "runs"):
+        assert column in header
+    rows = [line for line in lines if re.match(r"^\d+\s+(hook|engine): ", line)]
+    assert len(rows) == 6, proc.stdout
+    assert all(re.search(r"\s\d+\.\d+x\s", row) for row in rows), proc.stdout  # every row has its ratio
+    assert "exit status" in proc.stdout
+
+    data = json.loads(out.read_text())
+    assert data["exit_status"] == 0
+    assert {r["group"] for r in data["rows"]} == set(CHEAP)
+    for row in data["rows"]:
+        assert row["status"] == "ok"
+        assert row["value"] > 0 and row["baseline"] > 0 and row["ratio"] > 0
+        assert row["runs"] >= 2
+    # The engine row counts what it did through the fake kernel (writes) and the counting root (reads).
+    engine = next(r for r in data["rows"] if r["name"].startswith("engine: single-GPU + hugepages prepare"))
+    assert engine["extra"]["writes"] > 0 and engine["extra"]["io"]["kernel_read"] > 0
+
+
+def test_only_rejects_unknown_rows() -> None:
+    proc = subprocess.run([sys.executable, str(REPO / "bench/run"), "--only", "nonsense"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 2
+    assert "invalid choice" in proc.stderr
