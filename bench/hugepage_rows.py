@@ -166,10 +166,12 @@ def measure(scratch: Path, runs: int, warmup: int) -> list[Row]:
     try:
         try:
             _, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired as exc:
+        except BaseException as exc:  # timeout, Ctrl-C, SIGTERM: the helper must not outlive us
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate(timeout=10)
-            raise BenchError(f"the hugepage helper did not finish within {timeout} s") from exc
+            if isinstance(exc, subprocess.TimeoutExpired):
+                raise BenchError(f"the hugepage helper did not finish within {timeout} s") from exc
+            raise
         if proc.returncode != 0:
             lines = err.decode(errors="replace").strip().splitlines()
             raise BenchError(f"the hugepage helper failed: {lines[-1] if lines else f'exit {proc.returncode}'}")
