@@ -115,6 +115,8 @@ def measure(scratch: Path, runs: int, warmup: int) -> list[Row]:
 
     samples = interleave({"check": cli("check"), "devices": cli("devices"), "help": cli(None),
                           "floor": lambda: timed_spawn(FLOOR_ARGV)}, runs, warmup)
+    verdict = subprocess.run([str(CLI), *before, "check", *after], capture_output=True, env=env,  # noqa: S603
+                             timeout=SPAWN_TIMEOUT, check=False).stdout.decode(errors="replace").strip().splitlines()
     how = (f"fake host tree with {DEVICES} PCI devices, root passed as "
            f"{'--root' if before or after else 'JANUS_HOOKS_ROOT'}; "
            f"interpreter floor {median(samples['floor']) * 1000:.1f} ms")
@@ -122,5 +124,7 @@ def measure(scratch: Path, runs: int, warmup: int) -> list[Row]:
     for command in ("check", "devices"):
         rows.append(ratio_row(GROUP, f"cli: janus-hooks {command} (200 PCI devices) vs --help", samples[command],
                               samples["help"], baseline_label="janus-hooks --help (console script start + click)",
-                              note=f"{how}; exit status {sorted(statuses[command])}"))
+                              note=f"{how}; exit status {sorted(statuses[command])}"
+                                   + (f"; its verdict on the tree: {verdict[-1]!r}" if command == "check" and verdict
+                                      else "")))
     return rows
