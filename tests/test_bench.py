@@ -46,3 +46,16 @@ def test_only_rejects_unknown_rows() -> None:
                           capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 2
     assert "invalid choice" in proc.stderr
+
+
+def test_rows_from_other_modules_follow_the_documented_protocol() -> None:
+    from bench import foreign
+
+    rows = foreign._to_rows("libvirt", "measure_vm_start_stop", [
+        {"name": "libvirt: start+stop", "value": 2, "baseline": 1, "unit": "s", "spread": "+-1%", "note": "n"},
+        {"name": "libvirt: hugepages", "skipped": "libvirtd is not installed"},
+        {"name": "libvirt: broken", "note": "no value"},
+    ])
+    assert [r.status for r in rows] == ["ok", "n/a", "FAILED"]
+    assert rows[0].ratio == 2.0 and rows[0].group == "libvirt"
+    assert "libvirtd is not installed" in rows[1].note
