@@ -426,14 +426,23 @@ def devices(env: Env, root: Path, as_json: bool) -> None:
             for m in members:
                 role = "this card" if m["same_card"] else "bridge, stays" if m["bridge"] else "OTHER DEVICE"
                 click.echo(f"    {m['address']}  {m['kind']:<22} {m['driver'] or '(no driver)':<16} {role}")
+        users: dict[tuple[int, str, str | None], list[str]] = {}
         for user in gpu["used_by"]:
-            unit = f", unit {user['unit']}" if user["unit"] else ""
-            click.echo(f"  used by pid {user['pid']} ({user['command']}) via {user['node']}{unit}")
+            users.setdefault((user["pid"], user["command"], user["unit"]), []).append(user["node"])
+        for (pid, command, unit), nodes in users.items():
+            click.echo(f"  used by pid {pid} ({command}{f', unit {unit}' if unit else ''}) via {', '.join(nodes)}")
         click.echo(f"  held by VM: {gpu['held_by_vm'] or '-'}")
 
 
-def _domain_xml(env: Env, vm: str, uri: str) -> str:
-    return env.libvirt(uri, True, lambda conn: conn.lookupByName(vm).XMLDesc(0))
+# libvirt's VIR_DOMAIN_XML_SECURE and VIR_DOMAIN_XML_INACTIVE: the persistent definition, which the next
+# start uses, with its secrets (a VNC password left out would be lost by defineXML).
+XML_SECURE, XML_INACTIVE = 1, 2
+
+
+def _domain_xml(env: Env, vm: str, uri: str, for_define: bool = False) -> str:
+    flags = XML_INACTIVE | (XML_SECURE if for_define else 0)
+    # Secrets need a read-write connection; a plan only reads.
+    return env.libvirt(uri, not for_define, lambda conn: conn.lookupByName(vm).XMLDesc(flags))
 
 
 @cli.command(short_help="Dry run: what starting VM would change.")
@@ -524,8 +533,10 @@ def profile(env: Env, vm: str, root: Path, mode: str, gpus: tuple[str, ...], hug
                           "recorded (give the VM its GPU in virt-manager, or drop --toml)")
         _profile_toml(env, host, vm, mode, yes)
         return
+    if mode == "none" and gpus:
+        raise Failure("--gpu gives a managed VM its GPU; with --mode none it has no meaning")
     functions = _expand_gpus(host, gpus)
-    current = _domain_xml(env, vm, uri)
+    current = _domain_xml(env, vm, uri, for_define=True)
     new = edit_domain(current, mode, functions, hugepages)
     diff = xml_diff(current, new, vm)
     if not diff:
@@ -534,8 +545,10 @@ def profile(env: Env, vm: str, root: Path, mode: str, gpus: tuple[str, ...], hug
     click.echo(diff, nl=False)
     _confirm(env, yes, f"Define VM {vm!r} with these changes?")
     env.libvirt(uri, False, lambda conn: conn.defineXML(new))
-    click.echo(f"VM {vm!r} defined with janus-hooks mode {mode}.")
-    if mode != "none":
+    if mode == "none":
+        click.echo(f"VM {vm!r} defined: no longer managed by janus-hooks (its hostdevs stay as they are).")
+    else:
+        click.echo(f"VM {vm!r} defined with janus-hooks mode {mode}.")
         if not parse_domain(new).hostdevs:
             warn(f"VM {vm!r} has no PCI hostdev: only its hugepages are managed; add --gpu ADDR to give it a GPU")
         click.echo(f"Next: 'janus-hooks plan {vm}' shows what its start will change.")
@@ -546,7 +559,8 @@ def _profile_toml(env: Env, host: Host, vm: str, mode: str, yes: bool) -> None:
     current = path.read_text() if path.exists() else None
     new = edit_profile_toml(current, mode)
     if new == current:
-        click.echo(f"{path} already says mode {mode}; nothing to change.")
+        click.echo(f"VM {vm!r} has no TOML profile; nothing to change." if new is None
+                   else f"{path} already says mode {mode}; nothing to change.")
         return
     click.echo(text_diff(current, new, str(path)), nl=False)
     _confirm(env, yes, f"Write {path}?" if new is not None else f"Remove {path}?")
@@ -739,7 +753,7 @@ def status(env: Env, root: Path, uri: str) -> None:
         for vm, mode in env.libvirt(uri, True, _libvirt_profiles).items():
             profiles.setdefault(vm, f"{mode} (libvirt metadata)")
     except (Failure, JanusError) as err:
-        click.echo(f"  libvirt: {err} (VMs marked in their XML only are not listed)")
+        click.echo(f"  VMs in libvirt: not listed ({err})")
     store = _readable_store(host)
     states = {name: s for name in store.vms() if (s := store.read(name)) is not None}
     click.echo("Managed VMs:" if profiles or states else "Managed VMs: none (mark one with 'janus-hooks profile')")

@@ -98,11 +98,17 @@ def edit_domain(xml: str, mode: str, gpu_functions: list[str], hugepages: bool |
     return _serialize(root)
 
 
+_ROOT_XMLNS = re.compile(r"""\s+xmlns:[\w.-]+=(?:"[^"]*"|'[^']*')""")
+
+
 def xml_diff(before: str, after: str, name: str) -> str:
     """A unified diff of two domain definitions, both normalised by the same serializer."""
-    old = _serialize(_parse(before)).splitlines(keepends=True)
-    new = after.splitlines(keepends=True)
-    return "".join(difflib.unified_diff(old, new, f"{name}.xml (now)", f"{name}.xml (new)"))
+    def lines(xml: str) -> list[str]:
+        text = _serialize(_parse(xml)).splitlines(keepends=True)
+        # ElementTree declares every namespace on the root element: noise for a person reading the diff.
+        return [_ROOT_XMLNS.sub("", text[0]), *text[1:]] if text else text
+
+    return "".join(difflib.unified_diff(lines(before), lines(after), f"{name}.xml (now)", f"{name}.xml (new)"))
 
 
 def edit_profile_toml(current: str | None, mode: str) -> str | None:
