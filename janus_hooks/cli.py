@@ -691,7 +691,8 @@ def rollback(env: Env, vm: str | None, root: Path, all_vms: bool, dry_run: bool,
             with progress_log(env):
                 report = janus.release(name)
         except JanusError as err:
-            problems.append(f"VM {name!r}: {err}")
+            reason = str(err) if name in str(err) else f"VM {name!r}: {err}"
+            problems.append(f"{reason}; the journal is kept: fix that and run 'janus-hooks rollback {name}' again")
             continue
         gone = f", {report.skipped_after_reboot} already gone with the reboot" if report.skipped_after_reboot else ""
         click.echo(f"VM {name!r}: {report.reverted} change(s) reverted{gone}; the journal is closed.")
