@@ -11,17 +11,26 @@ The hook needs a host root. It is not ``/`` (that would write the real /var/lib/
 /var/log/janus-hooks): the helper runs in a private mount namespace (``unshare --mount``) where a scratch
 tree gets ``sys`` and ``proc`` bind-mounted from the real ones. The hook therefore reads the real kernel and
 the real processes, writes the real nr_hugepages, and keeps its journal and log in the scratch tree; the
-mounts vanish with the helper. The parent restores the pool in ``finally`` whatever happened.
+mounts vanish with the helper.
+
+The pool is global and other work (a libvirt suite, a running VM) may use it at the same time. So the bench
+gives back exactly what it added, never "the old size" (janus' own revert does the same): before each
+allocation the helper records in a file how many pages it owes, and clears it once they are given back; the
+parent settles whatever a dead helper still owed. A pool that moved under the bench fails the row (the
+figures would be meaningless) without touching anybody else's pages.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 if __name__ == "__main__":  # run as the helper: make the repo importable without site-packages tricks
@@ -36,6 +45,8 @@ PAGES = 512  # 1 GiB
 NR = Path(f"/sys/kernel/mm/hugepages/hugepages-{SIZE_KB}kB/nr_hugepages")
 VM = "janus-bench-hugepages"
 SETTLE_TIMEOUT = 30.0
+HOST_LOCK = Path("/var/lib/janus-hooks/lock")
+LOCK_TIMEOUT = 60.0
 
 
 def read_nr() -> int:
@@ -50,18 +61,62 @@ def write_nr(value: int) -> None:
         os.close(fd)
 
 
-def restore_pool(target: int) -> int:
-    """Shrink (or grow) the pool back to ``target`` and wait, bounded, until the kernel says so."""
+def give_back(pages: int) -> None:
+    """Shrink the pool by ``pages`` from what it is now, and wait (bounded) until the kernel shows it."""
+    if pages <= 0:
+        return
+    target = max(0, read_nr() - pages)
+    write_nr(target)
     deadline = time.monotonic() + SETTLE_TIMEOUT
-    while True:
-        if read_nr() == target:
-            return target
-        write_nr(target)
-        if read_nr() == target:
-            return target
+    while read_nr() > target:
         if time.monotonic() >= deadline:
-            raise BenchError(f"{NR} did not return to {target} within {SETTLE_TIMEOUT:g} s (now {read_nr()})")
+            raise BenchError(f"{NR} did not shrink to {target} within {SETTLE_TIMEOUT:g} s (now {read_nr()})")
         time.sleep(0.05)
+
+
+class Debt:
+    """How many pages the bench may have added above which pool size and not given back yet, in a file the
+    parent reads if the helper dies: it is recorded before each allocation and cleared after the give-back."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.set(0, 0)
+
+    def set(self, pages: int, base: int) -> None:
+        self.path.write_text(f"{pages} {base}\n")
+
+    @staticmethod
+    def owed(path: Path) -> int:
+        """What is still ours: at most the recorded pages, and never below the size the pool had before."""
+        try:
+            pages, base = (int(x) for x in path.read_text().split())
+        except (OSError, ValueError):
+            return 0
+        return max(0, min(pages, read_nr() - base))
+
+
+@contextmanager
+def janus_host_lock(timeout: float = LOCK_TIMEOUT) -> Iterator[str]:
+    """Hold the installed janus-hooks' host-wide transition lock, if there is an install, so that its hooks
+    (a VM starting under a libvirt suite) do not change the pool while the bench does. Never creates it."""
+    try:
+        fd = os.open(HOST_LOCK, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        yield f"no janus-hooks install here ({HOST_LOCK} absent): no lock held"
+        return
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError as err:
+                if time.monotonic() >= deadline:
+                    raise BenchError(f"{HOST_LOCK} stayed held by a janus-hooks transition for {timeout:g} s") from err
+                time.sleep(0.05)
+        yield f"held {HOST_LOCK} so that installed janus hooks did not change the pool meanwhile"
+    finally:
+        os.close(fd)
 
 
 def _mem_available_kb() -> int:
@@ -72,11 +127,12 @@ def _mem_available_kb() -> int:
 
 
 # --- the helper, inside the private mount namespace --------------------------------------------------------
-def _inner(tree: Path, runs: int, warmup: int, out: Path) -> None:
+def _inner(tree: Path, runs: int, warmup: int, out: Path, debt_file: Path) -> None:
     from janus_hooks.actions import AllocateHugepages, Context
     from janus_hooks.host import Host
     from janus_hooks.journal import JournalStore
 
+    debt = Debt(debt_file)
     for name in ("sys", "proc"):
         (tree / name).mkdir(parents=True, exist_ok=True)
         subprocess.run(["mount", "--bind", f"/{name}", str(tree / name)], check=True, timeout=10)  # noqa: S603,S607
@@ -87,16 +143,23 @@ def _inner(tree: Path, runs: int, warmup: int, out: Path) -> None:
     ctx = Context(host=host)
     action = AllocateHugepages(SIZE_KB, None, PAGES)
     store = JournalStore(tree / "var/lib/janus-bench-step")
+    hook_store = JournalStore(tree / "var/lib/janus-hooks")
     info: dict[str, list] = {"hook_added": [], "release": [], "floor": [], "phases": []}
 
     def unchanged() -> None:
         now = read_nr()
         if now != orig:
-            raise BenchError(f"{NR} is {now}, expected {orig}: someone else changed the pool during the bench")
+            raise BenchError(f"{NR} is {now}, was {orig} when the bench started: another process changed the "
+                             "pool during the bench (a libvirt suite or a VM?); its pages were left alone")
+
+    def added_since(before: int) -> int:
+        return max(0, min(PAGES, read_nr() - before))
 
     def janus_step() -> float:
         unchanged()
         writer = store.open_writer(VM, host.boot_id(), ())
+        debt.set(PAGES, orig)
+        result = None
         try:
             t0 = time.perf_counter()
             old = action.capture(ctx)
@@ -113,31 +176,50 @@ def _inner(tree: Path, runs: int, warmup: int, out: Path) -> None:
         finally:
             writer.close()
             store.remove(VM)
-            restore_pool(orig)
+            give_back(result["added"] if result else added_since(orig))
+            debt.set(0, orig)
         return seconds
 
     def bare() -> float:
         unchanged()
+        debt.set(PAGES, orig)
+        granted = 0
         try:
             start = time.perf_counter()
             write_nr(orig + PAGES)
-            granted = read_nr()
+            granted = read_nr() - orig
             seconds = time.perf_counter() - start
         finally:
-            restore_pool(orig)
-        if granted < orig + PAGES:
-            raise BenchError(f"the kernel granted {granted - orig} of {PAGES} hugepages to a bare write")
+            give_back(max(0, min(PAGES, granted)) if granted else added_since(orig))
+            debt.set(0, orig)
+        if granted < PAGES:
+            raise BenchError(f"the kernel granted {granted} of {PAGES} hugepages to a bare write")
         return seconds
 
     def hook() -> float:
         unchanged()
+        debt.set(PAGES, orig)
         try:
             seconds = timed_spawn([str(shim), VM, "prepare", "begin", "-"], xml)
             info["hook_added"].append(read_nr() - orig)
         finally:
-            info["release"].append(timed_spawn([str(shim), VM, "release", "end", "-"], xml))
-        if read_nr() != orig:
-            raise BenchError(f"the hook's release end left {NR} at {read_nr()}, not {orig}")
+            # The hook's own release gives back what its journal says it added; only if it fails twice
+            # does the bench give the pages back itself.
+            try:
+                info["release"].append(timed_spawn([str(shim), VM, "release", "end", "-"], xml))
+            except BenchError:
+                try:
+                    timed_spawn([str(shim), VM, "release", "end", "-"], xml)
+                except BenchError:
+                    if hook_store.exists(VM):
+                        state = hook_store.read(VM)
+                        give_back(sum(s.old.get("added", 0) for s in state.open_steps) if state else 0)
+                        hook_store.remove(VM)
+                    raise
+            finally:
+                if not hook_store.exists(VM):
+                    debt.set(0, orig)
+        unchanged()
         info["floor"].append(timed_spawn(FLOOR_ARGV, xml))
         return seconds
 
@@ -148,18 +230,10 @@ def _inner(tree: Path, runs: int, warmup: int, out: Path) -> None:
 
 
 # --- the parent side ---------------------------------------------------------------------------------------
-def measure(scratch: Path, runs: int, warmup: int) -> list[Row]:
-    if os.geteuid() != 0:
-        raise BenchError("needs root: it writes the real nr_hugepages")
-    if not NR.exists():
-        raise BenchError(f"{NR} does not exist: no {SIZE_KB} kB hugepage pool on this kernel")
-    if _mem_available_kb() < 2 * PAGES * SIZE_KB:
-        raise BenchError(f"less than {2 * PAGES * SIZE_KB // 1024} MiB available: not allocating 1 GiB of hugepages")
-    tree = scratch / "hugepage-root"
-    out = scratch / "hugepages.json"
-    orig = read_nr()
+def _run_helper(scratch: Path, tree: Path, out: Path, debt_file: Path, runs: int, warmup: int) -> dict:
+    before = read_nr()
     argv = ["unshare", "--mount", "--propagation", "private", VENV_PYTHON, "-m", "bench.hugepage_rows",
-            str(tree), str(runs), str(warmup), str(out)]
+            str(tree), str(runs), str(warmup), str(out), str(debt_file)]
     timeout = 60 + (runs + warmup) * 10
     proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,  # noqa: S603
                             start_new_session=True)
@@ -176,10 +250,25 @@ def measure(scratch: Path, runs: int, warmup: int) -> list[Row]:
             lines = err.decode(errors="replace").strip().splitlines()
             raise BenchError(f"the hugepage helper failed: {lines[-1] if lines else f'exit {proc.returncode}'}")
     finally:
-        after = read_nr()
-        if after != orig:
-            restore_pool(orig)
-    data = json.loads(out.read_text())
+        # Whatever the helper still owed when it ended (killed mid-run): give back exactly that.
+        give_back(Debt.owed(debt_file))
+        if read_nr() != before:
+            print(f"bench: {NR} is {read_nr()}, was {before} before the hugepage rows; the bench gave back all "
+                  "it added, so another process changed it", file=sys.stderr)
+    return json.loads(out.read_text())
+
+
+def measure(scratch: Path, runs: int, warmup: int) -> list[Row]:
+    if os.geteuid() != 0:
+        raise BenchError("needs root: it writes the real nr_hugepages")
+    if not NR.exists():
+        raise BenchError(f"{NR} does not exist: no {SIZE_KB} kB hugepage pool on this kernel")
+    if _mem_available_kb() < 2 * PAGES * SIZE_KB:
+        raise BenchError(f"less than {2 * PAGES * SIZE_KB // 1024} MiB available: not allocating 1 GiB of hugepages")
+    tree = scratch / "hugepage-root"
+    out, debt_file = scratch / "hugepages.json", scratch / "hugepages.owed"
+    with janus_host_lock() as lock_note:
+        data = _run_helper(scratch, tree, out, debt_file, runs, warmup)
     s, info = data["samples"], data["info"]
     fs = fs_type(scratch)
     added = sorted(set(info["hook_added"]))
@@ -189,10 +278,10 @@ def measure(scratch: Path, runs: int, warmup: int) -> list[Row]:
                   s["janus"], s["bare"], goal_ratio=1.2, baseline_label="one write of nr_hugepages + read-back",
                   note=f"{PAGES} x {SIZE_KB} kB on the global pool (was {data['orig']}); janus medians: capture "
                        f"{capture:.2f} ms, intent record + fsync {intent:.2f} ms, write + read-back check "
-                       f"{apply:.2f} ms, done record + fsync {done:.2f} ms (journal on {fs}); pool restored "
-                       "after every run"),
+                       f"{apply:.2f} ms, done record + fsync {done:.2f} ms (journal on {fs}); every page given "
+                       f"back after every run; {lock_note}"),
         ratio_row(GROUP, "hugepages: 1 GiB via the whole hook (prepare begin, subprocess) vs bare write",
-                  s["hook"], s["bare"], baseline_label="one write of nr_hugepages + read-back", paired=True,
+                  s["hook"], s["bare"], baseline_label="one write of nr_hugepages + read-back",
                   note=f"shim for a managed hugepage-only VM; root = scratch tree with the real sys/ and proc/ "
                        f"bind-mounted in a private mount namespace; pages added per run {added}; of its time "
                        f"the interpreter floor is {median(info['floor']) * 1000:.1f} ms; release end right "
@@ -203,7 +292,7 @@ def measure(scratch: Path, runs: int, warmup: int) -> list[Row]:
 
 if __name__ == "__main__":
     try:
-        _inner(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]))
+        _inner(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]), Path(sys.argv[5]))
     except BenchError as err:
         print(f"bench: {err}", file=sys.stderr)
         sys.exit(1)
