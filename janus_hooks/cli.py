@@ -209,15 +209,11 @@ def main(argv: list[str] | None = None, prog_name: str = "janus-hooks") -> None:
 
 
 # --- install / uninstall ------------------------------------------------------------------------------------
-_ACTION_WORDS = {"create": "create", "update": "update", "replace": "replace", "unchanged": "unchanged",
-                 "keep": "keep", "refuse": "refuse"}
-
-
 def _step_line(host: Host, step: inst.Step) -> str:
     item = step.item
     what = f"link -> {item.target}" if item.kind == "link" else f"mode {item.mode:04o}"
     notes = [n for n in (step.note, f"backup: {step.backup}" if step.action == "replace" else "") if n]
-    return f"  {_ACTION_WORDS[step.action]:<10} {item.rel} ({what}{''.join('; ' + n for n in notes)})"
+    return f"  {step.action:<10} {item.rel} ({what}{''.join('; ' + n for n in notes)})"
 
 
 @cli.command(short_help="Install the hook, udev rules, units and config.")

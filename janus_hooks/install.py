@@ -249,7 +249,7 @@ def matches(entry: Entry | Item, state: tuple[str, str | None, int | None]) -> b
 @dataclass
 class Step:
     item: Item
-    action: str  # create, update, replace, unchanged, keep, refuse
+    action: str  # create, update, replace, adopt, unchanged, keep, refuse
     note: str = ""
     backup: str | None = None
 
@@ -269,7 +269,7 @@ class InstallPlan:
 
     @property
     def changes(self) -> bool:
-        return bool(self.dirs) or any(s.writes for s in self.steps)
+        return bool(self.dirs) or any(s.writes or s.action == "adopt" for s in self.steps)
 
 
 def plan_install(host: Host, ident: Identity) -> InstallPlan:
@@ -284,10 +284,10 @@ def plan_install(host: Host, ident: Identity) -> InstallPlan:
         if state[0] == "missing":
             steps.append(Step(item, "create", backup=entry.backup if entry else None))
         elif matches(item, state):
-            # Identical already; a file install did not write is still taken over with a backup.
-            if entry is None and item.kind not in ("link", "config"):
-                steps.append(Step(item, "replace", "identical, not installed by janus-hooks",
-                                  backup=_backup_rel(host, item.rel)))
+            if entry is None and item.kind != "config":
+                # Already exactly ours (a manifest lost with a wiped state dir): listed from now on, no backup,
+                # so that uninstall removes it rather than putting a janus-hooks file back.
+                steps.append(Step(item, "adopt", "identical, not in the manifest"))
             else:
                 steps.append(Step(item, "unchanged", backup=entry.backup if entry else None))
         elif entry is not None and matches(entry, state):

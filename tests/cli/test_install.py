@@ -339,3 +339,19 @@ def test_the_shim_gets_this_interpreter_package_and_root():
     compile(text, "janus-hooks", "exec")
     with pytest.raises(InstallError, match="white space"):
         render_shim(text, Identity("/", "/opt/my python/bin/python3", "/x", "/y"))
+
+
+def test_files_already_identical_are_adopted_so_uninstall_removes_them(make_cli):
+    c = make_cli(desktops.nvidia_desktop)
+    before = tree_state(c.root)
+    assert c("install", "--yes").exit_code == 0
+    (c.root / MANIFEST).unlink()  # a wiped state directory: the files stay, the manifest is gone
+    result = c("install", "--yes")
+    assert result.exit_code == 0, result.output
+    assert f"adopt      {HOOK} (mode 0755; identical, not in the manifest)" in result.output
+    assert "backup" not in (c.root / MANIFEST).read_text().replace('"backup": null', "")
+    assert c("uninstall").exit_code == 0
+    after = tree_state(c.root)
+    # Every janus-hooks file is gone; only the directories the lost manifest knew it had made are left.
+    assert {p: after[p][0] for p in tree_diff(before, after)} == dict.fromkeys(tree_diff(before, after), "dir")
+    assert "etc/libvirt/hooks/qemu.d" in tree_diff(before, after)
