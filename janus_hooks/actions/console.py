@@ -38,14 +38,24 @@ class UnbindVtconsole(Action):
     def revert(self, ctx: Context, old: dict[str, Any]) -> None:
         if not old.get("bound"):
             return
-        # fbcon's vtconsole disappears with the last framebuffer and returns when the driver binds again.
+        # fbcon's vtconsole disappears with the last framebuffer and returns when the driver binds again,
+        # bound by itself; it only needs help when its framebuffer never went away.
         wait_until(ctx, lambda: ctx.host.vtconsole(self.name) is not None, ctx.config.timeouts.driver,
                    f"{self.name} reappearing")
+        if self._bound(ctx):
+            return
+        ctx.host.kernel.write(self._bind_path(ctx), "1")
+        if not self._bound(ctx):
+            # Seen on 6.1: "1" into fbcon's bind is silently ignored once the dummy console took over;
+            # unbinding the dummy console hands the consoles back to fbcon.
+            for con in ctx.host.vtconsoles():
+                if con.name != self.name and con.bound:
+                    ctx.host.kernel.write(ctx.host.vtconsole_dir(con.name) / "bind", "0")
+        wait_until(ctx, lambda: self._bound(ctx), ctx.config.timeouts.driver, f"{self.name} binding")
+
+    def _bound(self, ctx: Context) -> bool:
         con = ctx.host.vtconsole(self.name)
-        if con is not None and not con.bound:
-            ctx.host.kernel.write(self._bind_path(ctx), "1")
-        wait_until(ctx, lambda: bool((c := ctx.host.vtconsole(self.name)) and c.bound),
-                   ctx.config.timeouts.driver, f"{self.name} binding")
+        return bool(con and con.bound)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,8 @@ Rules it enforces (the ones janus-hooks depends on, as seen on a real 6.1 kernel
   otherwise (override empty) to its native driver if loaded; nothing bound is not an error;
 - ``modprobe -r`` fails while the module has holders or a process holds one of its devices' nodes;
   loading a module registers its drivers and probes the devices they match;
-- ``vtconN/bind`` and platform ``bind``/``unbind`` move the binding;
+- ``vtconN/bind``: 0 hands the consoles to the other vtconsole, 1 is ignored (as 6.1 does for fbcon);
+- platform ``bind``/``unbind`` move the binding;
 - ``nr_hugepages`` grants only what the node's memory allows; compaction frees fragmented pages.
 """
 
@@ -205,9 +206,15 @@ class FakeKernel:
 
     # --- consoles -------------------------------------------------------------------------------------
     def _vtcon(self, rel: str, value: str) -> None:
+        # As the 6.1 kernel did in the lab: unbinding one console binds the other (fbcon <-> dummy);
+        # writing 1 is accepted but changes nothing once the other console took over.
         if value not in ("0", "1"):
             raise self._errno(rel, value, errno.EINVAL)
-        write(self.root / rel, value + "\n")
+        if value == "1":
+            return
+        base = self.root / "sys/class/vtconsole"
+        for con in sorted(os.listdir(base)):
+            write(base / con / "bind", "0\n" if con == rel.split("/")[-2] else "1\n")
 
     def _platform_bind(self, rel: str, value: str) -> None:
         driver, op = rel.split("/")[-2:]
