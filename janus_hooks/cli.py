@@ -545,8 +545,10 @@ def profile(env: Env, vm: str, root: Path, mode: str, gpus: tuple[str, ...], hug
         click.echo(f"VM {vm!r} defined: no longer managed by janus-hooks (its hostdevs stay as they are).")
     else:
         click.echo(f"VM {vm!r} defined with janus-hooks mode {mode}.")
-        if not parse_domain(new).hostdevs:
-            warn(f"VM {vm!r} has no PCI hostdev: only its hugepages are managed; add --gpu ADDR to give it a GPU")
+        spec = parse_domain(new)
+        if not spec.hostdevs:
+            managed = "only its hugepages are managed" if spec.hugepages else "its start changes nothing on the host"
+            warn(f"VM {vm!r} has no PCI hostdev: {managed}; add --gpu ADDR to give it a GPU")
         click.echo(f"Next: 'janus-hooks plan {vm}' shows what its start will change.")
 
 
@@ -756,7 +758,7 @@ def status(env: Env, root: Path, uri: str) -> None:
     click.echo("Managed VMs:" if profiles or states else "Managed VMs: none (mark one with 'janus-hooks profile')")
     for vm in sorted(set(profiles) | set(states)):
         state = states.get(vm)
-        holds = (f"holds {', '.join(state.devices) or 'hugepages only'} since {_when(state.started)}, "
+        holds = (f"holds {', '.join(state.devices) or 'no PCI device'} since {_when(state.started)}, "
                  f"{len(state.open_steps)} change(s) open" if state else "idle")
         click.echo(f"  {vm:<20} {profiles.get(vm, 'no profile any more'):<32} {holds}")
 

@@ -152,3 +152,10 @@ def test_profile_toml_does_not_take_gpu_or_hugepages(make_cli):
     c = make_cli(desktops.nvidia_desktop)
     result = c("profile", "win11", "--mode", "single-gpu", "--toml", "--gpu", "01:00.0", "--yes")
     assert result.exit_code == 1 and "with --toml only the mode is recorded" in result.stderr
+
+
+def test_profile_without_gpu_or_hugepages_says_the_start_changes_nothing(make_cli):
+    c = make_cli(desktops.nvidia_desktop, conn=FakeConn({"win11": VIRT_MANAGER_XML}))
+    result = c("profile", "win11", "--mode", "passthrough", "--yes")
+    assert result.exit_code == 0
+    assert "has no PCI hostdev: its start changes nothing on the host" in result.stderr
