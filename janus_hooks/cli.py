@@ -68,7 +68,7 @@ class Env:
     services: Services | None = None  # systemctl through ``runner`` when None
     kill: Callable[[int, int], None] = os.kill
     make_host: Callable[[Path], Host] = Host
-    make_janus: Callable[[Host], Janus] = Janus.open
+    make_janus: Callable[..., Janus] = Janus.open  # (host, restoring=False)
     connect: Callable[[str, bool], Any] = _connect_libvirt
     live: bool | None = None  # acts on the running system; None: when the root is /
     interactive: Callable[[], bool] = field(default=lambda: sys.stdin.isatty() and sys.stdout.isatty())
@@ -132,6 +132,8 @@ class JanusGroup(click.Group):
             return super().invoke(ctx)
         except JanusError as err:
             raise Failure(str(err)) from err
+        except BrokenPipeError:
+            raise  # `janus-hooks ... | head`: click ends quietly on EPIPE
         except OSError as err:
             where = f"{err.filename}: " if err.filename else ""
             raise Failure(f"{where}{err.strerror or err}") from err
@@ -663,7 +665,8 @@ def rollback(env: Env, vm: str | None, root: Path, all_vms: bool, dry_run: bool,
         click.echo("No open journal: nothing to roll back.")
         return
     problems: list[str] = []
-    janus = None if dry_run else env.make_janus(host)
+    # restoring: a broken janus.toml must not keep the desktop from coming back.
+    janus = None if dry_run else env.make_janus(host, restoring=True)
     for name in names:
         state = store.read(name)
         if state is None:

@@ -106,7 +106,7 @@ class Cli:
             services=self.fake.services,
             kill=lambda pid, sig: self.signals.append((pid, sig)),
             make_host=lambda root: Host(root, self.fake.kernel),
-            make_janus=lambda host: self.fake.janus(),
+            make_janus=lambda host, restoring=False: self.fake.janus(restoring=restoring),
             connect=connect,
             live=self.live,
             interactive=lambda: self.interactive,

@@ -89,6 +89,17 @@ def test_rollback_after_a_crashed_prepare_restores_the_host(make_cli):
     assert again.exit_code == 0 and "nothing to roll back" in again.output
 
 
+def test_rollback_works_with_a_broken_config(make_cli):
+    c = make_cli(desktops.nvidia_desktop)
+    before = c.fake.snapshot()
+    crashed_prepare(c)
+    c.fake.config("log_level = [\n")
+    result = c("rollback", "win11")
+    assert result.exit_code == 0, result.output
+    after = c.fake.snapshot()
+    assert {k for k in set(before) | set(after) if before.get(k) != after.get(k)} == {"etc/janus-hooks/janus.toml"}
+
+
 def test_rollback_refuses_while_the_vm_runs(make_cli):
     c = make_cli(desktops.nvidia_desktop)
     code, err = c.fake.hook("win11", "prepare", "begin", XML)
