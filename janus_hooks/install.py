@@ -390,8 +390,7 @@ def apply_install(host: Host, plan: InstallPlan) -> None:
             backup.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             shutil.copy2(path, backup, follow_symlinks=False)
         if step.writes:
-            # Crash window: a file written but not yet in the manifest is taken for a stranger's on the
-            # next install, backed up and replaced; uninstall then puts that copy back. Harmless, and rare.
+            # Crash window: a file written but not yet listed is found identical, and adopted, next time.
             if item.kind == "link":
                 if os.path.lexists(path):
                     path.unlink()
@@ -399,14 +398,12 @@ def apply_install(host: Host, plan: InstallPlan) -> None:
                 fsync_dir(path.parent)
             else:
                 atomic_write(path, item.data, mode=item.mode)
-        if step.action in ("keep", "refuse") and item.kind == "config":
-            continue  # not ours to take back
-        if step.action == "refuse":
-            continue
-        if item.kind == "config" and step.action == "unchanged" and item.rel not in manifest.entries:
-            continue  # an identical config someone else wrote stays theirs
-        manifest.entries[item.rel] = Entry(item.rel, item.kind, item.sha256, item.mode, item.target, step.backup)
-        manifest.save(host)
+        if step.action in ("keep", "refuse") or (step.action == "unchanged" and item.rel not in manifest.entries):
+            continue  # a changed file, or a config someone else wrote: the manifest keeps what it knew
+        entry = Entry(item.rel, item.kind, item.sha256, item.mode, item.target, step.backup)
+        if manifest.entries.get(item.rel) != entry:
+            manifest.entries[item.rel] = entry
+            manifest.save(host)
 
 
 def check_shim(host: Host, runner: Runner) -> str | None:
