@@ -298,7 +298,7 @@ def _vfio(b: _Builder, addresses: tuple[str, ...]) -> None:
     for module in VFIO_MODULES:
         # Built-in or already loaded: nothing to load (a built-in vfio-pci shows only as a registered driver).
         if module not in b.snap.module_dirs and not (module == "vfio_pci" and VFIO_DRIVER in b.snap.pci_drivers):
-            b.actions.append(LoadModule(module))
+            b.actions.append(LoadModule(module, addresses))
     for address in addresses:
         if b.snap.devices[address].driver == VFIO_DRIVER:
             b.notes.append(f"{address} is already bound to {VFIO_DRIVER}")

@@ -7,20 +7,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from janus_hooks.actions.base import Action, Context, wait_until
+from janus_hooks.errors import StepFailed
 
 log = logging.getLogger(__name__)
 
 VFIO_DRIVER = "vfio-pci"
-
-
-def _devices_of_module(ctx: Context, module: str) -> dict[str, str]:
-    """PCI devices bound right now to a driver that ``module`` provides: {address: driver}."""
-    bound = {}
-    for address in ctx.host.pci_addresses():
-        driver = ctx.host.pci_driver(address)
-        if driver and ctx.host.pci_driver_module(driver) == module:
-            bound[address] = driver
-    return bound
 
 
 @dataclass(frozen=True)
@@ -32,7 +23,7 @@ class UnloadModule(Action):
         return f"unload module {self.module}"
 
     def capture(self, ctx: Context) -> dict[str, Any]:
-        return {"loaded": ctx.host.module_loaded(self.module), "bound": _devices_of_module(ctx, self.module)}
+        return {"loaded": ctx.host.module_loaded(self.module), "bound": ctx.host.pci_devices_of_module(self.module)}
 
     def apply(self, ctx: Context, old: dict[str, Any]) -> None:
         if ctx.host.module_loaded(self.module):
@@ -59,6 +50,8 @@ class UnloadModule(Action):
 class LoadModule(Action):
     kind = "load-module"
     module: str
+    # The VM's own devices: while one of them is still bound, unloading waits for a later replay.
+    devices: tuple[str, ...] = ()
 
     def describe(self) -> str:
         return f"load module {self.module}"
@@ -78,9 +71,13 @@ class LoadModule(Action):
         if old.get("loaded") or not ctx.host.module_loaded(self.module):
             return
         module = ctx.host.module(self.module.replace("-", "_"))
-        if module is not None and (module.refcnt or module.holders):
-            # Another VM's devices still use it: leaving it loaded is the right state, not a failure.
-            log.info("module %s stays loaded: still in use (refcnt %d)", self.module, module.refcnt)
+        in_use = ctx.host.pci_devices_of_module(self.module.replace("-", "_"))
+        ours = sorted(set(in_use) & set(self.devices))
+        if ours:
+            raise StepFailed(f"module {self.module} still drives {ours[0]}, which did not go back")
+        if in_use or (module is not None and (module.refcnt or module.holders)):
+            # Another VM's devices still use it (unloading would unbind them): loaded is the right state.
+            log.info("module %s stays loaded: still in use (%s)", self.module, ", ".join(in_use) or "refcnt")
             return
         ctx.host.kernel.unload_module(self.module)
 

@@ -31,10 +31,10 @@ class AllocateHugepages(Action):
         return ctx.host.hugepage_dir(self.size_kb, self.node) / "nr_hugepages"
 
     def _total(self, ctx: Context) -> int:
-        pool = ctx.host.hugepage_pool(self.size_kb, self.node)
-        if pool is None:
-            raise StepFailed(f"{ctx.host.hugepage_dir(self.size_kb, self.node)} does not exist")
-        return pool.total
+        total = ctx.host.hugepage_total(self.size_kb, self.node)
+        if total is None:
+            raise StepFailed(f"{self._nr_path(ctx)} cannot be read")
+        return total
 
     def capture(self, ctx: Context) -> dict[str, Any]:
         return {"total": self._total(ctx)}
@@ -42,13 +42,15 @@ class AllocateHugepages(Action):
     def apply(self, ctx: Context, old: dict[str, Any]) -> dict[str, Any]:
         target = old["total"] + self.pages
         ctx.host.kernel.write(self._nr_path(ctx), str(target))
-        if self._total(ctx) < target:
+        # The write asks; what the kernel granted is only known by reading back.
+        total = self._total(ctx)
+        if total < target:
             # A fragmented host often has the memory but not in contiguous pages: compact once, ask again.
-            log.info("%s: granted %d of %d, compacting memory", _pool_name(self.size_kb, self.node),
-                     self._total(ctx), target)
+            log.info("%s: granted %d of %d, compacting memory", _pool_name(self.size_kb, self.node), total, target)
             ctx.host.kernel.write(ctx.host.compact_memory_path(), "1")
             ctx.host.kernel.write(self._nr_path(ctx), str(target))
-        granted = self._total(ctx) - old["total"]
+            total = self._total(ctx)
+        granted = total - old["total"]
         if granted < self.pages:
             raise StepFailed(
                 f"only {granted} of {self.pages} {_pool_name(self.size_kb, self.node)} could be allocated "

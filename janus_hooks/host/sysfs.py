@@ -116,6 +116,22 @@ class Host:
     def pci_driver_loaded(self, driver: str) -> bool:
         return self.pci_driver_dir(driver).is_dir()
 
+    def pci_devices_of_module(self, module: str) -> dict[str, str]:
+        """PCI devices bound right now to a driver that ``module`` provides: {address: driver}.
+
+        Walks the (few) drivers rather than every device: a driver's directory links its devices.
+        """
+        bound = {}
+        for driver in self.pci_drivers():
+            if self.pci_driver_module(driver) != module:
+                continue
+            try:
+                entries = os.listdir(self.pci_driver_dir(driver))
+            except OSError:
+                continue
+            bound.update({e: driver for e in entries if e.count(":") == 2 and "." in e})
+        return bound
+
     def pci_driver_module(self, driver: str) -> str | None:
         """The module that provides a PCI driver (bochs-drm -> bochs), or None when built in."""
         return _link_name(self.pci_driver_dir(driver) / "module")
@@ -323,6 +339,11 @@ class Host:
         if not base.is_dir():
             return None
         return HugepagePool(size_kb, node, _int(_read(base / "nr_hugepages")), _int(_read(base / "free_hugepages")))
+
+    def hugepage_total(self, size_kb: int, node: int | None = None) -> int | None:
+        """nr_hugepages of one pool, with a single read (the hugepage step reads it back after each write)."""
+        text = _read(self.hugepage_dir(size_kb, node) / "nr_hugepages")
+        return int(text) if text.isdigit() else None
 
     def hugepage_sizes(self) -> list[int]:
         try:

@@ -253,10 +253,11 @@ class FakeKernel:
                     drop = min(target[n], sum(target.values()) - want)
                     target[n] -= drop
             else:
+                capacity = {n: self._capacity(size, n) for n in nodes}
                 while sum(target.values()) < want:
                     grew = False
                     for n in nodes:
-                        if sum(target.values()) < want and target[n] < self._capacity(size, n):
+                        if sum(target.values()) < want and target[n] < capacity[n]:
                             target[n] += 1
                             grew = True
                     if not grew:
