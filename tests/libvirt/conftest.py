@@ -273,7 +273,7 @@ def _owned(daemon: str) -> bool:
 # --- VMs -------------------------------------------------------------------------------------------------------
 def domain_xml(name: str, memory_mib: int = 64, mode: str | None = None, hugepages: bool = False,
                page_kb: int | None = None, nodeset: str | None = None, description: str | None = None,
-               machine: str = "pc") -> str:
+               machine: str = "pc", devices: str = "") -> str:
     """A domain as virt-manager writes it (janus metadata when ``mode``), minus disk, network and graphics."""
     meta = f"<metadata><janus:profile xmlns:janus='{PROFILE_NS}' mode='{mode}'/></metadata>" if mode else ""
     backing = ""
@@ -287,7 +287,7 @@ def domain_xml(name: str, memory_mib: int = 64, mode: str | None = None, hugepag
         f"<memory unit='MiB'>{memory_mib}</memory>{backing}{numatune}<vcpu>1</vcpu>"
         f"<os><type arch='x86_64' machine={quoteattr(machine)}>hvm</type></os>"
         "<on_poweroff>destroy</on_poweroff><on_reboot>restart</on_reboot><on_crash>destroy</on_crash>"
-        f"<devices><emulator>{EMULATOR}</emulator><serial type='null'/><memballoon model='none'/></devices>"
+        f"<devices><emulator>{EMULATOR}</emulator>{devices}<serial type='null'/><memballoon model='none'/></devices>"
         "</domain>"
     )
 
