@@ -6,12 +6,14 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from janus_hooks.domain import MODES
 from janus_hooks.errors import ConfigError
 from janus_hooks.files import check_trusted
 from janus_hooks.layout import vm_filename
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# How a managed VM uses its GPU: the only one of the host (the desktop goes away while the VM runs),
+# or a second GPU the host does not display on.
+MODES = ("single-gpu", "passthrough")
 
 
 @dataclass(frozen=True)

@@ -6,10 +6,10 @@ import re
 from dataclasses import dataclass, field
 from xml.etree import ElementTree
 
+from janus_hooks.config import MODES
 from janus_hooks.errors import ConfigError
 
 PROFILE_NS = "https://janus-hooks.org/xmlns/profile/1"
-MODES = ("single-gpu", "passthrough")
 
 _UNIT_KIB = {
     "b": 1 / 1024, "bytes": 1 / 1024, "k": 1, "kib": 1, "kb": 1000 / 1024,

@@ -5,11 +5,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from janus_hooks.actions import Context
 from janus_hooks.errors import JournalError, StepFailed
 from janus_hooks.journal import JournalState, JournalStore, JournalWriter
-from janus_hooks.plan import Plan
+
+if TYPE_CHECKING:
+    from janus_hooks.plan import Plan
 
 log = logging.getLogger(__name__)
 

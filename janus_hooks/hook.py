@@ -51,13 +51,14 @@ def _open_real(root: str, restoring: bool = False):
 
 def _managed(vm: str, phase: tuple[str, str], xml: str, root: str, stderr, open_janus) -> int:
     # Everything below is the slow path: only a managed VM at a phase that matters gets here.
-    from janus_hooks.domain import parse_domain
     from janus_hooks.errors import ConfigError, JanusError
 
     try:
         janus = open_janus(root, restoring=phase in (RELEASE, RECONNECT))
         janus.setup_logging()
         if phase == PREPARE:
+            from janus_hooks.domain import parse_domain
+
             spec = parse_domain(xml)
             if spec.name != vm:
                 raise ConfigError(f"hook called for VM {vm!r} with the definition of VM {spec.name!r}")

@@ -5,17 +5,19 @@ from __future__ import annotations
 import logging
 import logging.handlers
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from janus_hooks.actions import Context
 from janus_hooks.config import Config, load_config, load_profile
-from janus_hooks.domain import DomainSpec
 from janus_hooks.engine import Engine, Observer, RunReport, _no_observer
 from janus_hooks.errors import JanusError
 from janus_hooks.files import ensure_private_dir
 from janus_hooks.host import Host, Runner, Services, SubprocessRunner, SystemdServices
 from janus_hooks.journal import JournalStore
-from janus_hooks.plan import Plan, make_plan
-from janus_hooks.snapshot import HostSnapshot
+
+if TYPE_CHECKING:
+    from janus_hooks.domain import DomainSpec
+    from janus_hooks.plan import Plan
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,10 @@ class Janus:
         return None, ()
 
     def plan(self, spec: DomainSpec) -> Plan:
+        # Only a start plans: a release (the hook's other slow path) never imports the planner.
+        from janus_hooks.plan import make_plan
+        from janus_hooks.snapshot import HostSnapshot
+
         mode, units = self.mode_of(spec)
         if mode is None:
             return make_plan(spec, None, self.config, None)

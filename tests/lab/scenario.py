@@ -65,6 +65,10 @@ DOMAIN = f"""\
 """
 
 
+# The bench switches the GPU only: hugepages are measured on their own (bench/hugepage_rows.py).
+DOMAIN_NO_HUGEPAGES = DOMAIN.replace("  <memoryBacking><hugepages/></memoryBacking>\n", "")
+
+
 # --- the real kernel and processes -------------------------------------------------------------------------
 def gpu_driver() -> str | None:
     try:
@@ -128,6 +132,17 @@ def host_state() -> dict:
         "hugepages_free": free,
         "journal_open": JOURNAL.exists(),
     }
+
+
+def show(state: dict) -> str:
+    """One line a person can read: what the real kernel and processes say right now."""
+    fbcon = {True: "bound", False: "unbound", None: "gone (no framebuffer)"}[state["fbcon_bound"]]
+    holders = ", ".join(state["card_holders"]) or "nobody"
+    return (f"GPU {GPU} on {state['gpu_driver'] or 'no driver'}; bochs module "
+            f"{'loaded' if state['bochs_loaded'] else 'unloaded'}; fbcon {fbcon}; /dev/dri/card0 held by {holders}; "
+            f"/dev/vfio/{GROUP} {'present' if state['vfio_group_node'] else 'absent'}; hugepages "
+            f"{state['hugepages_total'] - state['hugepages_free']}/{state['hugepages_total']} in use; "
+            f"journal {'open' if state['journal_open'] else 'closed'}")
 
 
 # --- helpers ---------------------------------------------------------------------------------------------
@@ -220,7 +235,7 @@ def nested_qemu_has_gpu(dom) -> bool:
 def scenario_switch(conn) -> dict:
     """Start the managed VM through libvirt as virt-manager would, check, destroy, check."""
     result: dict = {"before": host_state()}
-    say(f"before: {result['before']}")
+    say(f"before: {show(result['before'])}")
     dom = conn.defineXML(DOMAIN)
     try:
         say(f"virsh start {VM} ...")
@@ -239,19 +254,26 @@ def scenario_switch(conn) -> dict:
         result["during"] = host_state()
         result["nested_qemu_has_gpu"] = nested_qemu_has_gpu(dom)
         result["qemu_uses_hugepages"] = result["during"]["hugepages_free"] < result["during"]["hugepages_total"]
-        say(f"during: {result['during']}; nested QEMU sees 1234:1111: {result['nested_qemu_has_gpu']}")
+        say(f"during: {show(result['during'])}")
+        say(f"nested QEMU (query-pci) has the GPU 1234:1111: {result['nested_qemu_has_gpu']}")
         say(f"virsh destroy {VM} ...")
         t0 = time.time()
         dom.destroy()
         t_destroyed = time.time()
         result["destroy_to_xorg_s"] = (t_destroyed - t0) + wait_for(xorg_holds_card, 30, "Xorg holding the GPU")
-        say(f"display server holds the GPU again {result['destroy_to_xorg_s']:.2f} s after the destroy")
+        say(f"display server holds the GPU again {result['destroy_to_xorg_s']:.2f} s after the destroy; "
+            "janus-hooks did (newest change first):")
+        log = Path("/var/log/janus-hooks/hook.log")
+        undo = [line.split(": ", 1)[1] for line in log.read_text().splitlines() if ": reverted " in line]
+        for line in undo:
+            say(f"    undo {line.split(': reverted ', 1)[1]}")
+        result["undo"] = undo
     finally:
         if dom.isActive():
             dom.destroy()
         dom.undefine()
     result["after"] = host_state()
-    say(f"after: {result['after']}")
+    say(f"after: {show(result['after'])}")
     return result
 
 
@@ -286,7 +308,7 @@ def scenario_refuse(conn) -> dict:
         holder.stdin.close()
         holder.wait(timeout=10)
     result["after"] = host_state()
-    say(f"after: {result['after']}")
+    say(f"after: {show(result['after'])}")
     return result
 
 
@@ -311,15 +333,45 @@ def scenario_crash(kill_at: str) -> dict:
     result["killed_at"] = killed_at
     result["hook_status"] = proc.returncode
     result["crashed"] = host_state()
-    say(f"hook killed (-9) at step {killed_at!r}: {result['crashed']}")
+    say(f"hook killed (-9) at step {killed_at!r}: {show(result['crashed'])}")
     t0 = time.monotonic()
     rollback = run([str(VENV_BIN / "janus-hooks"), "rollback", VM], check=False, timeout=120)
     result["rollback_status"] = rollback.returncode
     result["rollback_output"] = (rollback.stdout + rollback.stderr).strip().splitlines()[-5:]
     result["xorg_back_s"] = (time.monotonic() - t0) + wait_for(xorg_holds_card, 30, "Xorg holding the GPU")
     result["after"] = host_state()
-    say(f"janus-hooks rollback -> {rollback.returncode}; after: {result['after']}")
+    say(f"janus-hooks rollback -> exit {rollback.returncode}; after: {show(result['after'])}")
     return result
+
+
+def scenario_bench(runs: int) -> dict:
+    """The switch both ways, timed from real timestamps: janus-hooks' hook (the installed shim, as libvirt
+    runs it) against the guides' script with fixed sleeps, alternating, in the same lab."""
+    guide = REPO / "bench" / "guide-switch.sh"
+    times: dict[str, list[float]] = {"janus_start": [], "janus_stop": [], "guide_start": [], "guide_stop": []}
+
+    def janus(op: str, sub: str) -> None:
+        proc = subprocess.run([str(HOOK), VM, op, sub, "-"], input=DOMAIN_NO_HUGEPAGES, capture_output=True,
+                              text=True, timeout=120)
+        if proc.returncode != 0:
+            raise SystemExit(f"janus-hooks {op} {sub} failed: {proc.stderr.strip()}")
+
+    def timed(name: str, action, done) -> None:
+        t0 = time.monotonic()
+        action()
+        wait_for(done, 60, name)
+        times[name].append(time.monotonic() - t0)
+
+    on_vfio = lambda: gpu_driver() == "vfio-pci"  # noqa: E731
+    for _ in range(runs):
+        timed("janus_start", lambda: janus("prepare", "begin"), on_vfio)
+        timed("janus_stop", lambda: janus("release", "end"), xorg_holds_card)
+        timed("guide_start", lambda: run(["bash", str(guide), "start"]), on_vfio)
+        timed("guide_stop", lambda: run(["bash", str(guide), "stop"]), xorg_holds_card)
+        last = {k: v[-1] for k, v in times.items()}
+        say(f"janus start {last['janus_start']:.2f} s stop {last['janus_stop']:.2f} s | "
+            f"guide start {last['guide_start']:.2f} s stop {last['guide_stop']:.2f} s")
+    return times
 
 
 def save(name: str, data: dict) -> None:
@@ -329,12 +381,17 @@ def save(name: str, data: dict) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("scenario", choices=["demo", "all"])
+    parser.add_argument("scenario", choices=["demo", "all", "bench"])
+    parser.add_argument("--runs", type=int, default=3, help="bench: switches per side")
     args = parser.parse_args()
     if "lab.timeout=" not in Path("/proc/cmdline").read_text():
         print("scenario.py: runs inside the real-kernel lab only (tests/lab/run -- ...)", file=sys.stderr)
         return 2
     results: dict = {"setup": setup()}
+    if args.scenario == "bench":
+        results["bench"] = scenario_bench(args.runs)
+        save("bench", results)
+        return 0
     conn = connect()
     results["switch"] = scenario_switch(conn)
     save(args.scenario, results)
