@@ -59,6 +59,14 @@ class HostBuilder:
                 link(ddir / "module", f"../../../../module/{name}")
         return self
 
+    def vfio_modules(self) -> HostBuilder:
+        """vfio-pci and its IOMMU backend on disk, not loaded (as on a desktop that never ran a VM)."""
+        self.module("vfio", loaded=False)
+        self.module("vfio_pci_core", deps=("vfio",), loaded=False)
+        self.module("vfio_pci", drivers=("vfio-pci",), deps=("vfio_pci_core",), loaded=False)
+        self.module("vfio_iommu_type1", deps=("vfio",), loaded=False)
+        return self
+
     def pci(self, address: str, vendor: str, device: str, pci_class: str, driver: str | None, group: int,
             boot_vga: bool | None = None, reset: str = "flr bus", numa: int = -1) -> HostBuilder:
         base = self.root / "sys/bus/pci/devices" / address
