@@ -22,8 +22,9 @@ cannot run here (not root, libvirt not installed, no hugetlbfs) comes back with 
 
 How it keeps the host as it was:
 - holds ``/run/janus-hooks-test/host.lock`` (the libvirt test suite's lock) for the whole measurement;
-- starts virtlogd/libvirtd (and mounts hugetlbfs) with ``scripts/libvirt-services`` only when they do not
-  run, and stops what it started;
+- starts virtlogd/libvirtd (and mounts hugetlbfs) with ``scripts/libvirt-services`` when they do not run,
+  holding its lease meanwhile, and gives the lease back at the end (the script stops the daemons once no
+  other caller holds one); kills the QEMU of a bench VM left behind if libvirtd vanished mid-measure;
 - installs its hook as ``qemu.d/janus-hooks-bench``, rendered by janus-hooks' own install code, with the
   host root set to a scratch tree ``/run/janus-hooks-test/bench-root`` whose ``sys`` and ``proc`` are bind
   mounts of the real ones: the hook acts on the real kernel, while its journal, lock and log stay in the
@@ -148,20 +149,21 @@ class Bench:
         RUN_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.lock_fd = os.open(LOCK, os.O_RDWR | os.O_CREAT, 0o600)
         _wait(self._try_lock, 600, f"{LOCK} (the libvirt suite or another bench holds it)")
-        self._clean_leftovers()
         if (QEMU_D / "janus-hooks").exists():
             raise RuntimeError("janus-hooks is installed on this machine (qemu.d/janus-hooks): its hook would act "
                                "on the bench's VMs too; uninstall it for the bench")
-        if not all(_run(["pgrep", "-x", d], 10).returncode == 0 for d in ("libvirtd", "virtlogd")):
-            proc = _run([str(SERVICES), "start"], 300)
-            if proc.returncode == 3:
-                raise Skip(proc.stderr.strip())
-            if proc.returncode != 0:
-                raise RuntimeError(f"scripts/libvirt-services start failed: {proc.stderr.strip()}")
-            self.started = True
+        # Always through the script: it starts only what does not run, and its lease keeps another user's
+        # `stop` (the test entry script's, say) from taking libvirtd away while the bench measures.
+        proc = _run([str(SERVICES), "start"], 300)
+        if proc.returncode == 3:
+            raise Skip(proc.stderr.strip())
+        if proc.returncode != 0:
+            raise RuntimeError(f"scripts/libvirt-services start failed: {proc.stderr.strip()}")
+        self.started = True
         import libvirt
 
         self.conn = libvirt.open("qemu:///system")
+        self._clean_leftovers()
         self._scratch()
         self._drop_in()
 
@@ -198,15 +200,10 @@ class Bench:
 
     # teardown ---------------------------------------------------------------------------------------------------
     def _clean_leftovers(self) -> None:
-        """What a killed earlier run left: VMs, drop-ins, stamps, mounts."""
+        """What a killed earlier run left (VMs, drop-ins, stamps, mounts); at the end, what this one made."""
         problems = []
-        if self.conn is None and Path("/run/libvirt/libvirt-sock").exists():
-            import libvirt
-
-            with contextlib.suppress(libvirt.libvirtError):
-                conn = libvirt.open("qemu:///system")
-                problems += _remove_domains(conn)
-                conn.close()
+        if self.conn is not None:
+            problems += _remove_domains(self.conn)
         for path in (DROP_IN, STAMP_BEFORE, STAMP_AFTER, STAMPS):
             path.unlink(missing_ok=True)
         for sub in ("proc", "sys"):
@@ -219,9 +216,15 @@ class Bench:
             raise RuntimeError("; ".join(problems))
 
     def close(self) -> list[str]:
+        import libvirt
+
         problems: list[str] = []
         if self.conn is not None:
-            problems += _remove_domains(self.conn)
+            try:
+                problems += _remove_domains(self.conn)
+            except libvirt.libvirtError as err:
+                problems.append(f"libvirtd went away ({err})")
+                problems += _kill_orphans()
             with contextlib.suppress(Exception):
                 self.conn.close()
             self.conn = None
@@ -237,7 +240,7 @@ class Bench:
         with contextlib.suppress(OSError, ValueError):
             # libvirtd rescans its hooks: the bench's drop-in is gone from its list too.
             os.kill(int(Path("/run/libvirtd.pid").read_text()), signal.SIGHUP)
-        if self.started:
+        if self.started:  # gives the lease back; the daemons stop only when nobody else holds one
             proc = _run([str(SERVICES), "stop"], 300)
             if proc.returncode != 0:
                 problems.append(f"scripts/libvirt-services stop failed: {proc.stderr.strip()}")
@@ -282,6 +285,23 @@ def _remove_domains(conn) -> list[str]:
         except libvirt.libvirtError as err:
             problems.append(f"{dom.name()}: {err}")
     return problems
+
+
+def _kill_orphans() -> list[str]:
+    """SIGKILL the QEMUs of the bench's VMs once libvirtd is gone (it would have stopped them)."""
+    killed = []
+    for pidfile in Path("/run/libvirt/qemu").glob(f"{PREFIX}*.pid"):
+        name = pidfile.name[:-len(".pid")]
+        try:
+            pid = int(pidfile.read_text().strip())
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if any(a == f"guest={name}".encode() or a.startswith(f"guest={name},".encode()) for a in args):
+            os.kill(pid, signal.SIGKILL)
+            _wait(lambda p=pid: not Path(f"/proc/{p}").exists(), TIMEOUT, f"QEMU {pid} to die")
+            killed.append(f"killed the orphaned QEMU of {name} (pid {pid})")
+    return killed
 
 
 def cycle(dom) -> tuple[float, float]:

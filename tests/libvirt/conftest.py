@@ -4,7 +4,8 @@ What the session does, in order, and undoes at its end (also after a failure):
 1. takes the host lock (``$JANUS_TEST_RUN_DIR/host.lock``): one suite or libvirt bench at a time, since both
    change the real hugepage pool and ``/etc/libvirt/hooks``;
 2. starts virtlogd/libvirtd (and mounts hugetlbfs) through ``scripts/libvirt-services`` unless they already
-   run, and stops at the end only what it started; skips the suite only when libvirtd is not installed;
+   run, holding a lease on them, and at the end gives the lease back (the daemons stop when no other caller
+   holds one); skips the suite only when libvirtd is not installed;
 3. puts the machine's own hook and janus-hooks directories aside (renamed in place to
    ``.<name>.janus-test-stash``) and gives libvirt an empty hooks directory with a daemon hook that records
    each SIGHUP rescan, so that tests can wait for libvirt to have seen a change instead of sleeping;
@@ -436,13 +437,12 @@ def libvirtd() -> Iterator[Libvirt]:
         for journal in JOURNAL_DIR.glob("*.jsonl"):
             pytest.fail(f"janus-hooks has an open journal on this machine ({journal}); run `janus-hooks rollback` "
                         "before the libvirt suite")
-        started: list[str] = []
-        if not (_owned("libvirtd") or _is_running("libvirtd")) or not _is_running("virtlogd"):
-            proc = _services("start")
-            if proc.returncode == 3:
-                pytest.skip(f"libvirt is not installed: {proc.stderr.strip()}")
-            assert proc.returncode == 0, f"scripts/libvirt-services start failed:\n{proc.stdout}{proc.stderr}"
-            started = [line for line in proc.stdout.splitlines() if "started " in line]
+        # Always through the script: it starts only what does not run, and the lease it gives this process
+        # keeps the test entry script's `stop` (or a bench's) from pulling libvirtd away mid-session.
+        proc = _services("start")
+        if proc.returncode == 3:
+            pytest.skip(f"libvirt is not installed: {proc.stderr.strip()}")
+        assert proc.returncode == 0, f"scripts/libvirt-services start failed:\n{proc.stdout}{proc.stderr}"
         lv = Libvirt(owned=_owned("libvirtd"))
         files_before = fingerprint(FINGERPRINTED)
         pools_before = pools()
@@ -459,21 +459,20 @@ def libvirtd() -> Iterator[Libvirt]:
                     problems += remove_domain(lv, dom.name())
             yield lv
         finally:
-            problems += _teardown(lv, pools_before, files_before, started)
+            problems += _teardown(lv, pools_before, files_before)
         if problems:
             pytest.fail("the libvirt suite did not leave the machine as it found it:\n  " + "\n  ".join(problems))
 
 
-def _is_running(daemon: str) -> bool:
-    return run(["pgrep", "-x", daemon], 10, check=False).returncode == 0
-
-
-def _teardown(lv: Libvirt, pools_before, files_before, started: list[str]) -> list[str]:
+def _teardown(lv: Libvirt, pools_before, files_before) -> list[str]:
     problems: list[str] = []
-    with contextlib.suppress(Exception):
+    try:
         for dom in lv.conn.listAllDomains():
             if dom.name().startswith(PREFIX):
                 problems += remove_domain(lv, dom.name())
+    except Exception as err:  # noqa: BLE001 - libvirtd went away: its QEMUs must not outlive the session
+        problems.append(f"libvirtd did not answer at the end ({err})")
+        problems += kill_orphans()
     if SHIM.exists():
         # A test failed with janus-hooks installed: take it back the way a person would.
         proc = run([str(Path(sys.executable).with_name("janus-hooks")), "uninstall"], CLI_TIMEOUT, check=False)
@@ -503,11 +502,28 @@ def _teardown(lv: Libvirt, pools_before, files_before, started: list[str]) -> li
         if files_before.get(path) != files_after.get(path):
             problems.append(f"{path}: {files_before.get(path, 'absent')} before, "
                             f"{files_after.get(path, 'absent')} after")
-    if started:
-        proc = _services("stop")
-        if proc.returncode != 0:
-            problems.append(f"scripts/libvirt-services stop failed: {proc.stdout}{proc.stderr}")
+    proc = _services("stop")  # gives the lease back; stops what it started once nobody else holds one
+    if proc.returncode != 0:
+        problems.append(f"scripts/libvirt-services stop failed: {proc.stdout}{proc.stderr}")
     return problems
+
+
+def kill_orphans() -> list[str]:
+    """SIGKILL the QEMUs of the suite's VMs that libvirt no longer looks after; names what it killed."""
+    killed = []
+    for pidfile in QEMU_PID_DIR.glob(f"{PREFIX}*.pid"):
+        name = pidfile.name[:-len(".pid")]
+        try:
+            pid = int(pidfile.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if not any(arg == f"guest={name}".encode() or arg.startswith(f"guest={name},".encode()) for arg in cmdline):
+            continue  # the pid file is stale: that pid is someone else now
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda p=pid: not Path(f"/proc/{p}").exists(), VM_TIMEOUT, f"QEMU {pid} of {name} to die")
+        killed.append(f"killed the orphaned QEMU of {name} (pid {pid})")
+    return killed
 
 
 @pytest.fixture(scope="session")
