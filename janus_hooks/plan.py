@@ -163,6 +163,7 @@ def _hugepages(b: _Builder) -> None:
     if req is None:
         return
     size = req.page_kb or b.snap.default_hugepage_kb
+    missing_kb = 0
     for node, kb in sorted(req.per_node_kb.items(), key=lambda item: (item[0] is not None, item[0] or 0)):
         pool = b.snap.hugepage_pools.get((size, node))
         where = f"NUMA node {node}" if node is not None else "this host"
@@ -172,8 +173,15 @@ def _hugepages(b: _Builder) -> None:
         missing = needed - pool.free
         if missing > 0:
             b.actions.append(AllocateHugepages(size, node, missing))
+            missing_kb += missing * size
         else:
             b.notes.append(f"{needed} x {size} kB hugepages already free on {where}")
+    available = b.snap.mem_available_kb
+    if available is not None and missing_kb > available:
+        # Asking anyway would make the kernel squeeze the running desktop (and the OOM killer) for
+        # pages it cannot have; refuse while nothing has been touched.
+        b.refuse(f"VM {b.spec.name!r} needs {missing_kb // 1024} MiB more hugepages, but only "
+                 f"{available // 1024} MiB of memory is available")
 
 
 def _unload_order(name: str, modules: dict[str, Module], seen: set[str] | None = None) -> list[str]:

@@ -42,6 +42,7 @@ class HostSnapshot:
     existing_units: frozenset[str]
     hugepage_pools: dict[tuple[int, int | None], HugepagePool]
     default_hugepage_kb: int
+    mem_available_kb: int | None
     numa_nodes: tuple[int, ...]
     boot_id: str
     claims: dict[str, str] = field(default_factory=dict)  # address -> VM whose journal holds it
@@ -91,6 +92,7 @@ class HostSnapshot:
             existing_units=frozenset(u for u in candidates if host.unit_exists(u)),
             hugepage_pools=pools,
             default_hugepage_kb=host.default_hugepage_kb(),
+            mem_available_kb=host.mem_available_kb(),
             numa_nodes=tuple(host.numa_nodes()),
             boot_id=host.boot_id(),
             claims=dict(claims or {}),

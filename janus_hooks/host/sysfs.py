@@ -359,11 +359,18 @@ class Host:
             return []
         return sorted(int(n[4:]) for n in names if n.startswith("node") and n[4:].isdigit())
 
-    def default_hugepage_kb(self) -> int:
+    def _meminfo_kb(self, key: str) -> int | None:
         for line in _read(self.path("proc/meminfo")).splitlines():
-            if line.startswith("Hugepagesize:"):
-                return _int(line.split()[1], 2048)
-        return 2048
+            if line.startswith(f"{key}:"):
+                return _int(line.split()[1], 0)
+        return None
+
+    def default_hugepage_kb(self) -> int:
+        return self._meminfo_kb("Hugepagesize") or 2048
+
+    def mem_available_kb(self) -> int | None:
+        """What the kernel could give without swapping (MemAvailable), None when it does not say."""
+        return self._meminfo_kb("MemAvailable")
 
     def compact_memory_path(self) -> Path:
         return self.path("proc/sys/vm/compact_memory")

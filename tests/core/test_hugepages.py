@@ -93,3 +93,13 @@ def test_missing_pool_size_is_refused(fake):
     code, err = h.hook("vm", "prepare", "begin", domain_xml(name="vm", hugepages=True, page_kb=16384))
     assert code == 1
     assert "this host has no 16384 kB hugepage pool" in err
+
+
+def test_more_than_the_available_memory_is_refused_before_asking(fake):
+    h = fake(hosts.numa_two_nodes, node_pages={0: 100000, 1: 100000})
+    before = h.snapshot()
+    code, err = h.hook("vm", "prepare", "begin", domain_xml(name="vm", hugepages=True, memory_mib=40960))
+    assert (code, err) == (1, "janus-hooks: VM 'vm': VM 'vm' needs 40960 MiB more hugepages, but only 29296 MiB "
+                              "of memory is available")
+    assert h.kernel.ops == 0
+    assert_same_tree(before, h.snapshot())
