@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from janus_hooks.host.sysfs import dev_node
+
 
 @dataclass(frozen=True)
 class Backend:
@@ -28,12 +30,12 @@ BACKENDS = (
         "nvidia",
         ("nvidia",),
         units=("nvidia-persistenced.service",),
-        shared_nodes=("/dev/nvidiactl", "/dev/nvidia-modeset", "/dev/nvidia-uvm"),
+        shared_nodes=(dev_node("nvidiactl"), dev_node("nvidia-modeset"), dev_node("nvidia-uvm")),
     ),
     Backend(
         "amdgpu",
         ("amdgpu",),
-        shared_nodes=("/dev/kfd",),
+        shared_nodes=(dev_node("kfd"),),
         note="some AMD GPUs do not reset cleanly after a VM; vendor-reset may be needed to get them back",
     ),
     Backend("intel", ("i915", "xe"), unload=False, note="Intel graphics is only unbound, never unloaded"),
@@ -53,5 +55,5 @@ def backend_for(driver: str | None) -> Backend:
 def nodes_for(backend: Backend, minor: int | None) -> tuple[str, ...]:
     """Per-card nodes beyond /dev/dri that the backend knows (nvidia's /dev/nvidiaN)."""
     if backend.name == "nvidia" and minor is not None and minor >= 0:
-        return (f"/dev/nvidia{minor}",)
+        return (dev_node(f"nvidia{minor}"),)
     return ()

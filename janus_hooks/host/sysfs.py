@@ -24,6 +24,12 @@ from janus_hooks.host.model import (
 
 # Device nodes through which a process keeps a GPU busy.
 GPU_NODE_PREFIXES = ("/dev/dri/", "/dev/nvidia", "/dev/kfd")
+
+
+def dev_node(name: str) -> str:
+    """A device node as processes see it (``nvidiactl`` -> ``/dev/nvidiactl``): what /proc/<pid>/fd shows,
+    whatever root janus-hooks reads the host from."""
+    return f"/dev/{name}"
 BOOT_FRAMEBUFFER_PREFIXES = ("efi-framebuffer.", "simple-framebuffer.", "vesa-framebuffer.")
 _O_PATH = 0o10000000
 
