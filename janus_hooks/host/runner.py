@@ -6,7 +6,8 @@ import logging
 import os
 import signal
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -43,28 +44,46 @@ class SubprocessRunner:
         env = {k: os.environ[k] for k in _CLEAN_ENV_KEYS if k in os.environ}
         env.setdefault("PATH", _DEFAULT_PATH)
         env["LC_ALL"] = "C"
-        try:
-            proc = subprocess.Popen(  # noqa: S603 - argv list, no shell
-                list(argv),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                env=env,
-                close_fds=True,
-                # Its own process group, so a timeout also ends anything it forked that holds our pipes.
-                start_new_session=True,
-            )
-        except OSError as err:
-            raise CommandFailed(f"cannot run {argv[0]}: {err.strerror}") from err
-        try:
-            out, err_text = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired as err:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-            raise CommandFailed(f"{' '.join(argv)} did not finish within {timeout:g} s") from err
-        log.debug("ran %s -> %s", argv, proc.returncode)
-        return Result(tuple(argv), proc.returncode, out, err_text)
+        # Output goes to anonymous in-memory files, not pipes: a start command whose daemon keeps its
+        # stdout open (an init script, `sv up`) must not make us wait for an end of file that never comes.
+        with _memfile("stdout") as out, _memfile("stderr") as err:
+            try:
+                proc = subprocess.Popen(  # noqa: S603 - argv list, no shell
+                    list(argv),
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=err,
+                    env=env,
+                    close_fds=True,
+                    # Its own session: a timeout ends the whole group, and no terminal signal reaches it.
+                    start_new_session=True,
+                )
+            except OSError as error:
+                raise CommandFailed(f"cannot run {argv[0]}: {error.strerror}") from error
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired as error:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                raise CommandFailed(f"{' '.join(argv)} did not finish within {timeout:g} s") from error
+            log.debug("ran %s -> %s", argv, proc.returncode)
+            return Result(tuple(argv), proc.returncode, _text(out), _text(err))
+
+
+@contextmanager
+def _memfile(name: str) -> Iterator[int]:
+    fd = os.memfd_create(f"janus-hooks-{name}", os.MFD_CLOEXEC)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _text(fd: int, limit: int = 1 << 16) -> str:
+    """What the program wrote (its last ``limit`` bytes: the end says why it failed)."""
+    size = os.lseek(fd, 0, os.SEEK_END)
+    os.lseek(fd, max(0, size - limit), os.SEEK_SET)
+    return os.read(fd, limit).decode(errors="replace")
 
 
 def check(result: Result) -> Result:
