@@ -45,6 +45,8 @@ FRESH_DEFAULT = ("/etc/libvirt/hooks", "/etc/libvirt/qemu")
 
 # The lab mounts its own /tmp, /run, /proc, /sys and /dev: nothing of the machine's there is visible.
 HIDDEN_TOPS = ("tmp", "run", "proc", "sys", "dev")
+# A checkout under /tmp or /run (a CI clone, say) is shown again over the lab's own tmpfs by /init.
+REEXPOSED_TOPS = ("tmp", "run")
 
 # Exit statuses of a run that did not produce the command's own status.
 RC_TIMEOUT = 124
@@ -185,9 +187,14 @@ def run_in_lab(
     for stale in ("status", "failed"):
         (meta / stale).unlink(missing_ok=True)
     workdir = Path(cwd).resolve() if cwd is not None else TOP
-    for path in (workdir, out):
+    visible = []
+    for path in (TOP, workdir, out):
         if path.parts[1:2] and path.parts[1] in HIDDEN_TOPS:
-            raise LabError(f"{path} is hidden inside the lab (its /{path.parts[1]} is its own); move it elsewhere")
+            if path.parts[1] not in REEXPOSED_TOPS:
+                raise LabError(f"{path} is hidden inside the lab (its /{path.parts[1]} is its own); move it elsewhere")
+            if not any(path == v or v in path.parents for v in visible):
+                visible.append(path)
+    (meta / "visible").write_text("".join(f"{p}\n" for p in visible))
     (meta / "cmd.sh").write_text(command_script(argv, workdir, env or {}, out))
     (meta / "hostpath").write_text(f"{out}\n")
     for path in fresh:
