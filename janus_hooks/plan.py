@@ -36,7 +36,9 @@ from janus_hooks.gpu import backend_for, nodes_for
 from janus_hooks.host import Module, PciDevice, ProcessHold
 from janus_hooks.snapshot import HostSnapshot
 
-VFIO_MODULES = ("vfio_pci", "vfio_iommu_type1")
+# The IOMMU backend first: loading vfio-pci also loads it (a soft dependency on Debian's 6.1), and a step
+# that finds it already loaded would leave it behind on release.
+VFIO_MODULES = ("vfio_iommu_type1", "vfio_pci")
 
 
 @dataclass(frozen=True)

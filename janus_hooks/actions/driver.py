@@ -56,6 +56,9 @@ class LoadModule(Action):
     def describe(self) -> str:
         return f"load module {self.module}"
 
+    def _name(self) -> str:
+        return self.module.replace("-", "_")
+
     def capture(self, ctx: Context) -> dict[str, Any]:
         return {"loaded": ctx.host.module_loaded(self.module)}
 
@@ -70,11 +73,11 @@ class LoadModule(Action):
     def revert(self, ctx: Context, old: dict[str, Any]) -> None:
         if old.get("loaded") or not ctx.host.module_loaded(self.module):
             return
-        module = ctx.host.module(self.module.replace("-", "_"))
-        in_use = ctx.host.pci_devices_of_module(self.module.replace("-", "_"))
+        in_use = ctx.host.pci_devices_of_module(self._name())
         ours = sorted(set(in_use) & set(self.devices))
         if ours:
             raise StepFailed(f"module {self.module} still drives {ours[0]}, which did not go back")
+        module = ctx.host.module(self._name())
         if in_use or (module is not None and (module.refcnt or module.holders)):
             # Another VM's devices still use it (unloading would unbind them): loaded is the right state.
             log.info("module %s stays loaded: still in use (%s)", self.module, ", ".join(in_use) or "refcnt")

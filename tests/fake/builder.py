@@ -45,8 +45,8 @@ class HostBuilder:
 
     # --- PCI and modules -----------------------------------------------------------------------------
     def module(self, name: str, drivers: tuple[str, ...] = (), deps: tuple[str, ...] = (), loaded: bool = True,
-               ) -> HostBuilder:
-        self.world["modules"][name] = {"drivers": list(drivers), "deps": list(deps)}
+               softdeps: tuple[str, ...] = ()) -> HostBuilder:
+        self.world["modules"][name] = {"drivers": list(drivers), "deps": list(deps), "softdeps": list(softdeps)}
         if loaded:
             for dep in deps:
                 link(self.root / "sys/module" / dep / "holders" / name, f"../../{name}")
@@ -63,7 +63,9 @@ class HostBuilder:
         """vfio-pci and its IOMMU backend on disk, not loaded (as on a desktop that never ran a VM)."""
         self.module("vfio", loaded=False)
         self.module("vfio_pci_core", deps=("vfio",), loaded=False)
-        self.module("vfio_pci", drivers=("vfio-pci",), deps=("vfio_pci_core",), loaded=False)
+        # Loading vfio-pci also loads vfio_iommu_type1, as it did on the lab's 6.1 kernel.
+        self.module("vfio_pci", drivers=("vfio-pci",), deps=("vfio_pci_core",), loaded=False,
+                    softdeps=("vfio_iommu_type1",))
         self.module("vfio_iommu_type1", deps=("vfio",), loaded=False)
         return self
 

@@ -169,6 +169,9 @@ class FakeKernel:
             link(ddir / "module", f"../../../../module/{name}")
         for address in sorted(world["devices"]):
             self._probe_one(address)
+        # modprobe's softdep "post:" modules (vfio-pci -> vfio_iommu_type1 on Debian's 6.1).
+        for soft in spec.get("softdeps", []):
+            self._load(soft)
 
     def _unload(self, name: str) -> None:
         world = self._world()

@@ -131,6 +131,8 @@ def host_state() -> dict:
         "hugepages_total": nr,
         "hugepages_free": free,
         "journal_open": JOURNAL.exists(),
+        "vfio_modules": sorted(m for m in ("vfio", "vfio_pci", "vfio_pci_core", "vfio_iommu_type1")
+                               if module_loaded(m)),
     }
 
 
@@ -142,7 +144,8 @@ def show(state: dict) -> str:
             f"{'loaded' if state['bochs_loaded'] else 'unloaded'}; fbcon {fbcon}; /dev/dri/card0 held by {holders}; "
             f"/dev/vfio/{GROUP} {'present' if state['vfio_group_node'] else 'absent'}; hugepages "
             f"{state['hugepages_total'] - state['hugepages_free']}/{state['hugepages_total']} in use; "
-            f"journal {'open' if state['journal_open'] else 'closed'}")
+            f"journal {'open' if state['journal_open'] else 'closed'}; "
+            f"vfio modules: {', '.join(state['vfio_modules']) or 'none'}")
 
 
 # --- helpers ---------------------------------------------------------------------------------------------
@@ -232,6 +235,32 @@ def nested_qemu_has_gpu(dom) -> bool:
 
 
 # --- scenarios -------------------------------------------------------------------------------------------
+def janus_json(*args: str) -> tuple[int, dict]:
+    proc = run([str(VENV_BIN / "janus-hooks"), *args, "--json"], check=False, timeout=120)
+    return proc.returncode, json.loads(proc.stdout) if proc.stdout.strip() else {}
+
+
+def scenario_cli(conn) -> dict:
+    """What the CLI says about this real host: check, devices and the plan for the VM, read-only."""
+    result: dict = {}
+    result["check_status"], check = janus_json("check")
+    result["check_gpu"] = next((g for g in check.get("gpus", []) if g["address"] == GPU), None)
+    result["check_failed"] = [c["name"] for c in check.get("checks", []) if c["status"] == "fail"]
+    result["devices_status"], devices = janus_json("devices")
+    result["devices_gpu"] = next((g for g in devices.get("gpus", []) if g["address"] == GPU), None)
+    dom = conn.defineXML(DOMAIN)
+    try:
+        result["plan_status"], plan = janus_json("plan", VM)
+    finally:
+        dom.undefine()
+    result["plan_kinds"] = [a["kind"] for a in plan.get("actions", [])]
+    result["plan_refusal"] = plan.get("refusal")
+    gpu = result["check_gpu"] or {}
+    say(f"janus-hooks check: exit {result['check_status']}; {GPU}: {gpu.get('summary')}")
+    say(f"janus-hooks plan {VM}: {len(result['plan_kinds'])} change(s): {', '.join(result['plan_kinds'])}")
+    return result
+
+
 def scenario_switch(conn) -> dict:
     """Start the managed VM through libvirt as virt-manager would, check, destroy, check."""
     result: dict = {"before": host_state()}
@@ -377,6 +406,10 @@ def scenario_bench(runs: int) -> dict:
 def save(name: str, data: dict) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"{name}.json").write_text(json.dumps(data, indent=1, sort_keys=True))
+    # The hook's own log, for a person reading a failed run (the assertions never use it).
+    log = Path("/var/log/janus-hooks/hook.log")
+    if log.exists():
+        (OUT / "hook.log").write_text(log.read_text())
 
 
 def main() -> int:
@@ -396,6 +429,7 @@ def main() -> int:
     results["switch"] = scenario_switch(conn)
     save(args.scenario, results)
     if args.scenario == "all":
+        results["cli"] = scenario_cli(conn)
         results["refuse"] = scenario_refuse(conn)
         save(args.scenario, results)
         # Before the host driver goes (fbcon unbound, driver still loaded), and after (GPU unbound).

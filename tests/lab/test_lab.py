@@ -44,7 +44,7 @@ def _ok(lab_results, key):
 
 DESKTOP = {"gpu_driver": "bochs-drm", "fbcon_bound": True, "bochs_loaded": True, "vfio_group_node": False,
            "card_holders": ["Xorg"], "xorg_holds_card": True, "hugepages_total": 0, "hugepages_free": 0,
-           "journal_open": False}
+           "journal_open": False, "vfio_modules": []}
 
 
 def test_lab_started_from_a_desktop(lab_results):
@@ -87,3 +87,19 @@ def test_kill_9_mid_switch_then_rollback(lab_results, kill_at):
     assert crash["crashed"]["xorg_holds_card"] is False  # really half-way: the desktop was gone
     assert crash["rollback_status"] == 0, crash["rollback_output"]
     assert crash["after"] == DESKTOP
+
+
+def test_cli_reads_the_real_host(lab_results):
+    cli = _ok(lab_results, "cli")
+    gpu = cli["check_gpu"]
+    assert gpu["driver"] == "bochs-drm" and gpu["iommu_group"] == 2 and gpu["boot_vga"] is True
+    assert gpu["ready"] == {"single-gpu": True, "passthrough": False}
+    assert "drives the host display" in gpu["refusals"]["passthrough"]
+    devices = cli["devices_gpu"]
+    assert [f["address"] for f in devices["functions"]] == ["0000:00:02.0"]
+    assert devices["iommu_group_members"] == [] or all(m["bridge"] or m["same_card"]
+                                                       for m in devices["iommu_group_members"])
+    assert [(u["command"], u["node"]) for u in devices["used_by"]] == [("Xorg", "/dev/dri/card0")]
+    assert cli["plan_status"] == 0 and cli["plan_refusal"] is None
+    assert cli["plan_kinds"] == ["allocate-hugepages", "display-commands", "wait-released", "unbind-vtconsole",
+                                 "unload-module", "load-module", "load-module", "bind-vfio"]
