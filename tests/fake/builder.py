@@ -39,7 +39,8 @@ class HostBuilder:
         write(self.root / "sys/bus/pci/drivers_probe", "")
         write(self.root / "proc/sys/kernel/random/boot_id", BOOT_ID + "\n")
         write(self.root / "proc/cmdline", "BOOT_IMAGE=/vmlinuz root=/dev/sda1 intel_iommu=on iommu=pt\n")
-        write(self.root / "proc/meminfo", "MemTotal:       32768000 kB\nMemAvailable:   30000000 kB\nHugepagesize:       2048 kB\n")
+        write(self.root / "proc/meminfo",
+              "MemTotal:       32768000 kB\nMemAvailable:   30000000 kB\nHugepagesize:       2048 kB\n")
         write(self.root / "proc/sys/vm/compact_memory", "")
         write(self.root / "proc/cpuinfo", "processor\t: 0\nflags\t\t: fpu vme vmx sse sse2\n")
 
