@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 Observer = Callable[[str, int], None]
 
 
-def _no_observer(event: str, step: int) -> None:
+def no_observer(event: str, step: int) -> None:
     return None
 
 
@@ -41,7 +41,7 @@ class RunReport:
 class Engine:
     """Applies plans and reverts journals; every transition holds the host-wide lock."""
 
-    def __init__(self, ctx: Context, store: JournalStore, observer: Observer = _no_observer) -> None:
+    def __init__(self, ctx: Context, store: JournalStore, observer: Observer = no_observer) -> None:
         self.ctx = ctx
         self.store = store
         self.observer = observer

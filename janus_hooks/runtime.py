@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from janus_hooks.actions import Context
 from janus_hooks.config import Config, load_config, load_profile
-from janus_hooks.engine import Engine, Observer, RunReport, _no_observer
+from janus_hooks.engine import Engine, Observer, RunReport, no_observer
 from janus_hooks.errors import JanusError
 from janus_hooks.files import ensure_private_dir
 from janus_hooks.host import Host, Runner, Services, SubprocessRunner, SystemdServices
@@ -28,11 +28,11 @@ class Janus:
     config: Config
     ctx: Context
     store: JournalStore
-    observer: Observer = _no_observer
+    observer: Observer = no_observer
 
     @classmethod
     def open(cls, host: Host, services: Services | None = None, runner: Runner | None = None,
-             observer: Observer = _no_observer, restoring: bool = False) -> Janus:
+             observer: Observer = no_observer, restoring: bool = False) -> Janus:
         """Load the host's config (refusing unsafe files) and wire the real collaborators by default.
 
         ``restoring``: a config that cannot be used must not keep the desktop from coming back; the
@@ -87,11 +87,15 @@ class Janus:
         return self.store.exists(vm)
 
     def setup_logging(self, name: str = "hook.log") -> None:
-        """Log to a private file under the log dir, bounded in size; failures to log never stop a VM."""
+        """Log to a private file under the log dir, bounded in size; failures to log never stop a VM.
+
+        A log directory others could read is not used (it is no state janus-hooks acts on: a start or a
+        release goes on without the log rather than be refused for it).
+        """
         try:
             log_dir = ensure_private_dir(self.host.log_dir())
             handler = logging.handlers.RotatingFileHandler(log_dir / name, maxBytes=1 << 20, backupCount=3)
-        except OSError:
+        except (OSError, JanusError):
             return
         handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
         handler.set_name("janus-hooks-file")

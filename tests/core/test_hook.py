@@ -118,3 +118,14 @@ def test_usage_error():
     err = io.StringIO()
     assert main(["only-a-name"], stderr=err) == 2
     assert "usage" in err.getvalue()
+
+
+def test_unusable_log_dir_never_blocks_a_release(fake):
+    h = fake(hosts.single_nvidia)
+    xml = domain_xml(hostdevs=hosts.NVIDIA_FUNCTIONS)
+    before = h.snapshot()
+    assert h.hook("win11", "prepare", "begin", xml)[0] == 0
+    (h.root / "var/log/janus-hooks").chmod(0o777)
+    assert h.hook("win11", "release", "end", xml) == (0, "")
+    (h.root / "var/log/janus-hooks").chmod(0o700)
+    assert_same_tree(before, h.snapshot())
