@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from janus_hooks.actions import Context
-from janus_hooks.errors import JournalError, StepFailed
+from janus_hooks.errors import JanusError, JournalError, StepFailed
 from janus_hooks.journal import JournalState, JournalStore, JournalWriter
 
 if TYPE_CHECKING:
@@ -76,7 +76,10 @@ class Engine:
                 except Exception as err:  # a bug in one action must not leave the host half-switched
                     reason = f"{action.describe()}: {_reason(err)}"
                     log.error("VM %s: step %d failed: %s; reverting", plan.vm, index + 1, reason)
-                    self._revert_all(plan.vm, writer)
+                    try:
+                        self._revert_all(plan.vm, writer)
+                    except JanusError as revert_err:
+                        raise StepFailed(f"{reason}; {revert_err}") from err
                     raise StepFailed(reason) from err
                 seconds = self.ctx.clock() - start
                 writer.done(index, seconds * 1000, result)
@@ -92,7 +95,7 @@ class Engine:
             raise JournalError(f"journal of VM {vm!r} vanished during its own run")
         failures = self._revert_steps(state, writer, RunReport(vm))
         if failures:
-            raise StepFailed(f"and reverting failed too: {failures[0]}; run 'janus-hooks rollback {vm}'")
+            raise StepFailed(f"reverting failed too ({failures[0]}); run 'janus-hooks rollback {vm}'")
         self.store.remove(vm)
 
     def _replay(self, vm: str) -> RunReport:

@@ -108,3 +108,23 @@ def test_fault_during_release_keeps_journal_until_a_later_rollback(fake, tmp_pat
         h.kernel = type(h.kernel)(root)
         assert h.hook("win11", "release", "end", XML) == (0, ""), nth
         assert_same_tree(before, h.snapshot())
+
+
+def test_failure_whose_rollback_also_fails_says_both_and_keeps_the_journal(fake, tmp_path):
+    root = tmp_path / "double"
+    hosts.single_nvidia(root)
+    h = FakeHost(root)
+    h.config(FAST_TIMEOUTS)
+    before = h.snapshot()
+    # The first vfio probe fails, and so does reloading nvidia_drm on the way back.
+    h.kernel = type(h.kernel)(root, fault=lambda n, op, target: (op, target) in (
+        ("write", "sys/bus/pci/drivers_probe"), ("load", "nvidia_drm")))
+    code, err = h.hook("win11", "prepare", "begin", XML)
+    assert code == 1 and "\n" not in err
+    assert err.startswith("janus-hooks: VM 'win11': bind 0000:01:00.0 to vfio-pci: injected fault at operation ")
+    assert "; reverting failed too (undo unload module nvidia_drm: injected fault" in err
+    assert err.endswith("run 'janus-hooks rollback win11'")
+    assert h.journal_vms() == ["win11"]
+    h.kernel = type(h.kernel)(root)
+    assert h.hook("win11", "release", "end", XML) == (0, "")
+    assert_same_tree(before, h.snapshot())
