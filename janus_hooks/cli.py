@@ -21,7 +21,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import unquote
 
 import click
 
@@ -35,6 +34,7 @@ from janus_hooks.errors import JanusError
 from janus_hooks.files import atomic_write
 from janus_hooks.host import Host, Runner, Services, SubprocessRunner, SystemdServices
 from janus_hooks.journal import JournalState, JournalStore
+from janus_hooks.layout import vm_from_filename
 from janus_hooks.runtime import Janus
 from janus_hooks.snapshot import HostSnapshot
 
@@ -708,7 +708,7 @@ def _toml_profiles(host: Host) -> dict[str, str]:
         return {}
     result = {}
     for path in files:
-        vm = unquote(path.stem)
+        vm = vm_from_filename(path.stem)
         try:
             found = load_profile(host.config_dir(), vm)
             result[vm] = found.mode if found else "unreadable"

@@ -19,12 +19,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
 
 from janus_hooks.actions import Action, action_from_json
 from janus_hooks.errors import JournalError
 from janus_hooks.files import check_trusted, ensure_private_dir, fsync_dir
-from janus_hooks.layout import vm_filename
+from janus_hooks.layout import vm_filename, vm_from_filename
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +79,7 @@ class JournalStore:
             names = os.listdir(self.dir)
         except OSError:
             return []
-        return sorted(unquote(n[: -len(SUFFIX)]) for n in names if n.endswith(SUFFIX))
+        return sorted(vm_from_filename(n[: -len(SUFFIX)]) for n in names if n.endswith(SUFFIX))
 
     @contextmanager
     def lock(self, timeout: float, clock: Callable[[], float] = time.monotonic,

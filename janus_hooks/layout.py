@@ -16,6 +16,11 @@ def vm_filename(vm: str) -> str:
     return name.replace(".", "%2E") if name in (".", "..") else name
 
 
+def vm_from_filename(name: str) -> str:
+    """The VM name a file name stands for: the inverse of ``vm_filename``."""
+    return name.replace("%2F", "/").replace("%2E", ".").replace("%25", "%")
+
+
 def profile_file(root: str, vm: str) -> str:
     return os.path.join(root, CONFIG_DIR, "vms", vm_filename(vm) + ".toml")
 

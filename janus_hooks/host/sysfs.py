@@ -163,10 +163,7 @@ class Host:
             names = sorted(os.listdir(self.path("sys/class/vtconsole")))
         except OSError:
             return []
-        return [
-            VtConsole(n, _read(self.vtconsole_dir(n) / "name"), _read(self.vtconsole_dir(n) / "bind") == "1")
-            for n in names
-        ]
+        return [c for n in names if (c := self.vtconsole(n)) is not None]
 
     def vtconsole(self, name: str) -> VtConsole | None:
         base = self.vtconsole_dir(name)
@@ -309,7 +306,7 @@ class Host:
 
     def unit_file_target(self, unit: str) -> str | None:
         """Where an alias like display-manager.service points (gdm3.service), from /etc/systemd/system."""
-        return _link_name(self.path("etc/systemd/system", unit))
+        return _link_name(self.systemd_unit_dir() / unit)
 
     def unit_exists(self, unit: str) -> bool:
         return any(

@@ -141,3 +141,12 @@ def test_state_dir_must_not_be_a_symlink_target_of_others(tmp_path):
     store = JournalStore(target)
     with pytest.raises(UnsafeStateError, match="mode 777"):
         store.prepare()
+
+
+@pytest.mark.parametrize("vm", ["win11", "a b 'c' \"d\"", "100%/x", "%2F", ".", "..", "a.b"])
+def test_vm_file_names_round_trip(vm):
+    from janus_hooks.layout import vm_filename, vm_from_filename
+
+    name = vm_filename(vm)
+    assert "/" not in name and name not in (".", "..")
+    assert vm_from_filename(name) == vm
