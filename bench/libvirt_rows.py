@@ -40,7 +40,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import random
 import re
 import signal
 import statistics
@@ -53,6 +52,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from bench.stats import interleave  # noqa: E402
 
 SERVICES = REPO / "scripts" / "libvirt-services"
 RUN_DIR = Path("/run/janus-hooks-test")
@@ -325,18 +326,6 @@ def bench() -> Iterator[Bench]:
             raise RuntimeError("the libvirt bench did not leave the host as it found it: " + "; ".join(problems))
 
 
-def _interleave(variants: dict[str, Callable[[], object]], runs: int, seed: int = 5) -> dict[str, list]:
-    rng = random.Random(seed)
-    names, samples = list(variants), {name: [] for name in variants}
-    for round_ in range(WARMUP + runs):
-        rng.shuffle(names)
-        for name in names:
-            value = variants[name]()
-            if round_ >= WARMUP:
-                samples[name].append(value)
-    return samples
-
-
 def _skipped(name: str, reason: str) -> dict:
     return {"name": name, "value": None, "baseline": None, "ratio": None, "unit": "ms", "spread": 0.0,
             "note": reason, "skipped": reason}
@@ -358,7 +347,7 @@ def measure_vm_start_stop(runs: int = 10) -> dict:
                     return cycle(dom)
                 return once
 
-            samples = _interleave({"janus": run(True), "none": run(False)}, runs)
+            samples = interleave({"janus": run(True), "none": run(False)}, runs, WARMUP, seed=5)
     except Skip as why:
         return _skipped(name, str(why))
     total = {k: [(s + d) * 1000 for s, d in v] for k, v in samples.items()}
@@ -454,7 +443,7 @@ def measure_hugepage_alloc(runs: int = 10) -> dict:
                 empty_gap.append(_gap(vm, "prepare begin"))
                 return empty_gap[-1]
 
-            samples = _interleave({"janus": through_janus, "bare": bare, "empty": empty}, runs)
+            samples = interleave({"janus": through_janus, "bare": bare, "empty": empty}, runs, WARMUP, seed=5)
     except Skip as why:
         return _skipped(name, str(why))
     prepare = [p for p, _ in samples["janus"]]
