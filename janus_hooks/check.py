@@ -15,7 +15,7 @@ from typing import Any
 from janus_hooks.config import Config, load_config
 from janus_hooks.domain import MODES, DomainSpec, HostDev
 from janus_hooks.errors import JanusError
-from janus_hooks.gpu import backend_for, nodes_for
+from janus_hooks.gpu import quirks
 from janus_hooks.host import Host, PciDevice, Runner, Services
 from janus_hooks.install import Identity, Manifest, file_state, find_conflicts, hook_path, render_shim
 from janus_hooks.journal import JournalStore
@@ -147,12 +147,7 @@ def group_strangers(snap: HostSnapshot, gpu: PciDevice) -> list[PciDevice]:
 
 def gpu_verdict(snap: HostSnapshot, config: Config, gpu: PciDevice) -> GpuVerdict:
     functions = slot_functions(snap, gpu)
-    notes = []
-    backend = backend_for(gpu.driver)
-    if backend.note:
-        notes.append(backend.note)
-    if not gpu.reset_method:
-        notes.append("reports no reset method: it may not come back cleanly after a VM")
+    notes = quirks(gpu.driver, gpu.reset_method)
     strangers = group_strangers(snap, gpu)
     if strangers:
         others = ", ".join(describe_device(d) for d in strangers)
@@ -167,15 +162,11 @@ def gpu_verdict(snap: HostSnapshot, config: Config, gpu: PciDevice) -> GpuVerdic
     return GpuVerdict(gpu, functions, refusals, tuple(notes))
 
 
-def gpu_nodes(snap: HostSnapshot, gpu: PciDevice) -> tuple[str, ...]:
-    return snap.drm_nodes.get(gpu.address, ()) + nodes_for(backend_for(gpu.driver), snap.nvidia_minors.get(gpu.address))
-
-
 def inventory(snap: HostSnapshot) -> list[dict[str, Any]]:
     """Every GPU with its functions, its IOMMU group, drivers, processes and the VM holding it (devices)."""
     result = []
     for gpu in gpus(snap):
-        nodes = gpu_nodes(snap, gpu)
+        nodes = snap.card_nodes(gpu)
 
         def entry(dev: PciDevice) -> dict[str, Any]:
             return {"address": dev.address, "class": dev.pci_class, "kind": class_name(dev), "driver": dev.driver,

@@ -32,7 +32,7 @@ from janus_hooks.actions import (
 from janus_hooks.config import Config
 from janus_hooks.domain import DomainSpec
 from janus_hooks.errors import PlanRefused
-from janus_hooks.gpu import backend_for, nodes_for
+from janus_hooks.gpu import backend_for, quirks
 from janus_hooks.host import Module, PciDevice, ProcessHold
 from janus_hooks.snapshot import HostSnapshot
 
@@ -202,10 +202,7 @@ def _driver_modules(b: _Builder, gpus: list[PciDevice], addresses: tuple[str, ..
     steps: list[Action] = []
     for gpu in gpus:
         backend = backend_for(gpu.driver)
-        if backend.note:
-            b.notes.append(f"{gpu.address}: {backend.note}")
-        if not gpu.reset_method:
-            b.notes.append(f"{gpu.address} reports no reset method; it may not come back cleanly after the VM")
+        b.notes += [f"{gpu.address}: {note}" for note in quirks(gpu.driver, gpu.reset_method)]
         if gpu.driver is None or gpu.driver == VFIO_DRIVER:
             continue
         module = b.snap.driver_modules.get(gpu.driver)
@@ -225,12 +222,10 @@ def _gpu_nodes(b: _Builder, gpus: list[PciDevice], unloading: list[Action]) -> t
     nodes: list[str] = []
     shared: list[str] = []
     for gpu in gpus:
-        backend = backend_for(gpu.driver)
-        nodes += b.snap.drm_nodes.get(gpu.address, ())
-        nodes += nodes_for(backend, b.snap.nvidia_minors.get(gpu.address))
+        nodes += b.snap.card_nodes(gpu)
         if unloading:
             # Nodes shared by the vendor's whole stack only matter when its module goes away.
-            shared += backend.shared_nodes
+            shared += backend_for(gpu.driver).shared_nodes
     return tuple(dict.fromkeys(nodes)), tuple(dict.fromkeys(shared))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from janus_hooks.gpu import backend_for, nodes_for
 from janus_hooks.host import (
     Framebuffer,
     Host,
@@ -46,6 +47,11 @@ class HostSnapshot:
     numa_nodes: tuple[int, ...]
     boot_id: str
     claims: dict[str, str] = field(default_factory=dict)  # address -> VM whose journal holds it
+
+    def card_nodes(self, gpu: PciDevice) -> tuple[str, ...]:
+        """The device nodes of one card: its /dev/dri nodes and the vendor's per-card ones (/dev/nvidiaN)."""
+        return self.drm_nodes.get(gpu.address, ()) + nodes_for(backend_for(gpu.driver),
+                                                               self.nvidia_minors.get(gpu.address))
 
     @classmethod
     def read(cls, host: Host, claims: dict[str, str] | None = None,

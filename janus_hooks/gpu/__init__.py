@@ -57,3 +57,11 @@ def nodes_for(backend: Backend, minor: int | None) -> tuple[str, ...]:
     if backend.name == "nvidia" and minor is not None and minor >= 0:
         return (dev_node(f"nvidia{minor}"),)
     return ()
+
+
+def quirks(driver: str | None, reset_method: str) -> list[str]:
+    """Warnings about a GPU that do not refuse a start: its vendor's quirks, a missing reset method."""
+    notes = [backend_for(driver).note] if backend_for(driver).note else []
+    if not reset_method:
+        notes.append("reports no reset method: it may not come back cleanly after a VM")
+    return notes
