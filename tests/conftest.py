@@ -72,6 +72,7 @@ class FakeHost:
         self.runner = FakeRunner(root)
 
     def janus(self, root: str | None = None, observer=None, restoring: bool = False) -> Janus:
+        """The hook's ``open_janus(root, restoring=...)``: ``root`` is always this fake host's own."""
         kwargs = {"observer": observer} if observer else {}
         return Janus.open(Host(self.root, self.kernel), services=self.services, runner=self.runner,
                           restoring=restoring, **kwargs)
