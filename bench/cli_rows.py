@@ -24,14 +24,14 @@ class NotAvailable(Exception):
 
 
 def available() -> None:
-    """The CLI counts as landed once janus_hooks/cli.py is committed and the console script exists."""
+    """The CLI counts as landed once janus_hooks/cli/__init__.py is committed and the console script exists."""
     try:
-        tracked = subprocess.run(["git", "ls-files", "--error-unmatch", "janus_hooks/cli.py"],  # noqa: S603,S607
+        tracked = subprocess.run(["git", "ls-files", "--error-unmatch", "janus_hooks/cli/__init__.py"],  # noqa: S603,S607
                                  cwd=REPO, capture_output=True, timeout=10, check=False).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
-        tracked = (REPO / "janus_hooks/cli.py").exists()
+        tracked = (REPO / "janus_hooks/cli/__init__.py").exists()
     if not tracked or not CLI.exists():
-        raise NotAvailable("not measured (CLI not available: janus_hooks/cli.py has not landed)")
+        raise NotAvailable("not measured (CLI not available: janus_hooks/cli/__init__.py has not landed)")
 
 
 def build_host(root: Path) -> Path:

@@ -1,0 +1,83 @@
+"""``status``: one screen of what is installed and what each managed VM holds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+import janus_hooks
+from janus_hooks import check as checks
+from janus_hooks import install as inst
+from janus_hooks.cli.common import Env, Failure, connect_option, readable_store, root_option, when
+from janus_hooks.config import load_profile
+from janus_hooks.domain import PROFILE_NS, parse_domain
+from janus_hooks.errors import JanusError
+from janus_hooks.host import Host
+from janus_hooks.layout import vm_from_filename
+
+
+def _toml_profiles(host: Host) -> dict[str, str]:
+    try:
+        files = sorted(p for p in (host.config_dir() / "vms").iterdir() if p.suffix == ".toml")
+    except OSError:
+        return {}
+    result = {}
+    for path in files:
+        vm = vm_from_filename(path.stem)
+        try:
+            found = load_profile(host.config_dir(), vm)
+            result[vm] = found.mode if found else "unreadable"
+        except JanusError:
+            result[vm] = "unreadable"
+    return result
+
+
+def _libvirt_profiles(conn: Any) -> dict[str, str]:
+    marked = {}
+    for dom in conn.listAllDomains(0):
+        xml = dom.XMLDesc(0)
+        if PROFILE_NS in xml:
+            try:
+                mode = parse_domain(xml).mode
+            except JanusError:
+                mode = "unreadable"
+            if mode:
+                marked[dom.name()] = mode
+    return marked
+
+
+@click.command(short_help="Installed pieces, agent, managed VMs.")
+@root_option
+@connect_option
+@click.pass_obj
+def status(env: Env, root: Path, uri: str) -> None:
+    """One screen: what is installed, the agent, managed VMs and what each holds."""
+    host = env.host(root)
+    manifest = inst.Manifest.load(host)
+    click.echo(f"janus-hooks {janus_hooks.__version__} on {host.root}")
+    if manifest is None:
+        click.echo("  installed: no (run 'janus-hooks install')")
+    else:
+        changed = [e.rel for e in manifest.entries.values()
+                   if not inst.matches(e, inst.file_state(host.root / e.rel))]
+        state = "all in place" if not changed else f"{len(changed)} changed or missing: {', '.join(changed)}"
+        click.echo(f"  installed: {len(manifest.entries)} file(s), {state}")
+    probe = checks.Probe(env.runner, env.service_control(), env.is_live(root))
+    for c in checks.hook_checks(host) + [checks.agent_check(host, probe), checks.libvirt_check(host, probe)]:
+        click.echo(f"  {c.name}: {c.detail}")
+    profiles = {vm: f"{mode} (TOML profile)" for vm, mode in _toml_profiles(host).items()}
+    try:
+        for vm, mode in env.libvirt(uri, True, _libvirt_profiles).items():
+            profiles.setdefault(vm, f"{mode} (libvirt metadata)")
+    except (Failure, JanusError) as err:
+        click.echo(f"  VMs in libvirt: not listed ({err})")
+    store = readable_store(host)
+    states = {name: s for name in store.vms() if (s := store.read(name)) is not None}
+    click.echo("Managed VMs:" if profiles or states else "Managed VMs: none (mark one with 'janus-hooks profile')")
+    for vm in sorted(set(profiles) | set(states)):
+        state = states.get(vm)
+        holds = (f"holds {', '.join(state.devices) or 'no PCI device'} since {when(state.started)}, "
+                 f"{len(state.open_steps)} change(s) open" if state else "idle")
+        click.echo(f"  {vm:<20} {profiles.get(vm, 'no profile any more'):<32} {holds}")
