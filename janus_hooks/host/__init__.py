@@ -16,9 +16,11 @@ from janus_hooks.host.model import (
 )
 from janus_hooks.host.runner import Runner, SubprocessRunner
 from janus_hooks.host.services import Services, SystemdServices
+from janus_hooks.host.storage import BackingDevice
 from janus_hooks.host.sysfs import Host
 
 __all__ = [
+    "BackingDevice",
     "Framebuffer",
     "Host",
     "HugepagePool",

@@ -21,6 +21,7 @@ from janus_hooks.host.model import (
     Session,
     VtConsole,
 )
+from janus_hooks.host.storage import BackingDevice, StorageMap
 
 # Device nodes through which a process keeps a GPU busy.
 GPU_NODE_PREFIXES = ("/dev/dri/", "/dev/nvidia", "/dev/kfd")
@@ -383,6 +384,20 @@ class Host:
             len(parts) > 2 and parts[2] == "hugetlbfs"
             for parts in (line.split() for line in _read(self.path("proc/mounts")).splitlines())
         )
+
+    # --- storage ---------------------------------------------------------------------------------------
+    def storage_backing(self) -> list[BackingDevice]:
+        """Every mounted filesystem and swap area, followed through dm/md/LUKS/partitions to disks and PCI
+        controllers (see ``janus_hooks.host.storage``)."""
+        return StorageMap(self).backing()
+
+    def storage_controllers(self) -> dict[str, list[str]]:
+        """PCI address -> what the host keeps on disks behind it ("filesystem /", "swap /dev/sda3")."""
+        uses: dict[str, list[str]] = {}
+        for device in self.storage_backing():
+            for address in device.controllers:
+                uses.setdefault(address, []).append(device.use)
+        return uses
 
     # --- boot and command line -----------------------------------------------------------------------------
     def boot_id(self) -> str:

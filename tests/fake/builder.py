@@ -176,6 +176,57 @@ class HostBuilder:
         write(glob / "free_hugepages", f"{sum(total.values())}\n")
         return self
 
+    # --- storage ---------------------------------------------------------------------------------------
+    def disk(self, name: str, controller: str | None, partitions: int = 0, major: int = 8,
+             minor: int = 0) -> HostBuilder:
+        """A whole disk under a PCI controller (None: a virtual disk such as zram), with numbered partitions
+        (``sda1``; ``nvme0n1p1`` for names ending in a digit), registered as the kernel does in
+        sys/devices, sys/class/block and sys/dev/block."""
+        parent = f"devices/pci0000:00/{controller}/host0/target0:0:0/0:0:0:0" if controller else "devices/virtual"
+        disk_dir = f"{parent}/block/{name}"
+        self._block(name, disk_dir, major, minor)
+        sep = "p" if name[-1].isdigit() else ""
+        for n in range(1, partitions + 1):
+            part = f"{name}{sep}{n}"
+            self._block(part, f"{disk_dir}/{part}", major, minor + n)
+            write(self.root / "sys" / disk_dir / part / "partition", f"{n}\n")
+        return self
+
+    def stacked(self, name: str, slaves: tuple[str, ...], minor: int, dm_name: str | None = None) -> HostBuilder:
+        """A device-mapper (``dm-N``, with ``dm_name`` as /dev/mapper shows it) or md device over ``slaves``."""
+        major = 253 if name.startswith("dm-") else 9
+        self._block(name, f"devices/virtual/block/{name}", major, minor)
+        base = self.root / "sys/devices/virtual/block" / name
+        (base / "slaves").mkdir(parents=True, exist_ok=True)
+        for slave in slaves:
+            link(base / "slaves" / slave, f"../../../../../class/block/{slave}")
+        if dm_name:
+            write(base / "dm/name", dm_name + "\n")
+        return self
+
+    def _block(self, name: str, sys_dir: str, major: int, minor: int) -> None:
+        write(self.root / "sys" / sys_dir / "dev", f"{major}:{minor}\n")
+        link(self.root / "sys/class/block" / name, f"../../{sys_dir}")
+        link(self.root / "sys/dev/block" / f"{major}:{minor}", f"../../{sys_dir}")
+
+    def mount(self, point: str, source: str, fstype: str = "ext4", devnum: str | None = None) -> HostBuilder:
+        """One line of /proc/1/mountinfo; ``devnum`` defaults to the source's sysfs dev (0:N for btrfs)."""
+        if devnum is None:
+            dev_file = self.root / "sys/class/block" / source.rsplit("/", 1)[-1] / "dev"
+            devnum = dev_file.read_text().strip() if dev_file.exists() else "0:40"
+        mounts = self.root / "proc/1/mountinfo"
+        lines = mounts.read_text() if mounts.exists() else ""
+        n = lines.count("\n") + 20
+        escaped = point.replace(" ", "\\040")
+        write(mounts, lines + f"{n} 1 {devnum} / {escaped} rw,relatime shared:1 - {fstype} {source} rw\n")
+        return self
+
+    def swap(self, path: str, kind: str = "partition") -> HostBuilder:
+        swaps = self.root / "proc/swaps"
+        lines = swaps.read_text() if swaps.exists() else "Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n"
+        write(swaps, lines + f"{path}\t\t\t\t{kind}\t\t8388604\t\t0\t\t-2\n")
+        return self
+
     def build(self) -> Path:
         if self.systemd:
             (self.root / "run/systemd/system").mkdir(parents=True, exist_ok=True)
