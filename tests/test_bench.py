@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-CHEAP = ("hook", "engine")  # no root, no real kernel state, a few seconds with --quick
+CHEAP = ("hook", "engine", "slowpath")  # no root, no real kernel state, a few seconds with --quick
 
 
 def test_quick_cheap_rows_print_a_table_with_ratios(tmp_path: Path) -> None:
@@ -24,8 +24,8 @@ def test_quick_cheap_rows_print_a_table_with_ratios(tmp_path: Path) -> None:
     header = next(line for line in lines if line.lstrip().startswith("#  row"))
     for column in ("row", "value", "baseline", "ratio", "goal", "spread", "runs"):
         assert column in header
-    rows = [line for line in lines if re.match(r"^\d+\s+(hook|engine): ", line)]
-    assert len(rows) == 6, proc.stdout
+    rows = [line for line in lines if re.match(r"^\d+\s+(hook|engine|hook process): ", line)]
+    assert len(rows) == 8, proc.stdout
     assert all(re.search(r"\s\d+\.\d+x\s", row) for row in rows), proc.stdout  # every row has its ratio
     assert "exit status" in proc.stdout
 
@@ -39,6 +39,10 @@ def test_quick_cheap_rows_print_a_table_with_ratios(tmp_path: Path) -> None:
     # The engine row counts what it did through the fake kernel (writes) and the counting root (reads).
     engine = next(r for r in data["rows"] if r["name"].startswith("engine: single-GPU + hugepages prepare"))
     assert engine["extra"]["writes"] > 0 and engine["extra"]["io"]["kernel_read"] > 0
+    # The hook process row went through the fake kernel and systemd, and read its own imports.
+    slow = next(r for r in data["rows"] if r["name"].startswith("hook process: single-GPU + hugepages prepare"))
+    assert slow["extra"]["calls"] > 0 and slow["extra"]["seams"] > 0
+    assert any(name.startswith("janus_hooks") for name, _ in slow["extra"]["imports"]["top_level"])
 
 
 def test_only_rejects_unknown_rows() -> None:
