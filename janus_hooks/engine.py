@@ -94,6 +94,7 @@ class Engine:
         if state is None:
             raise JournalError(f"journal of VM {vm!r} vanished during its own run")
         failures = self._revert_steps(state, writer, RunReport(vm))
+        self._keep_notes(vm)
         if failures:
             raise StepFailed(f"reverting failed too ({failures[0]}); run 'janus-hooks rollback {vm}'")
         self.store.remove(vm)
@@ -105,10 +106,19 @@ class Engine:
             return report
         with self.store.append_writer(vm) as writer:
             failures = self._revert_steps(state, writer, report)
+        self._keep_notes(vm)
         if failures:
             raise StepFailed(f"VM {vm}: {len(failures)} change(s) could not be reverted; first: {failures[0]}")
         self.store.remove(vm)
         return report
+
+    def _keep_notes(self, vm: str) -> None:
+        """What this replay warned about, for ``status``; the journal does not stay open for it."""
+        try:
+            self.store.save_notes(vm, list(self.ctx.warnings))
+        except (OSError, JanusError) as err:
+            log.warning("VM %s: cannot keep the release notes: %s", vm, _reason(err))
+        self.ctx.warnings.clear()
 
     def _revert_steps(self, state: JournalState, writer: JournalWriter, report: RunReport) -> list[str]:
         """Revert open steps newest first; keep going past failures so as much as possible comes back."""

@@ -136,6 +136,38 @@ class JournalStore:
             return
         fsync_dir(self.dir)
 
+    def notes_path(self, vm: str) -> Path:
+        return self.state_dir / "notes" / f"{vm_filename(vm)}.txt"
+
+    def save_notes(self, vm: str, notes: list[str]) -> None:
+        """Keep what the last release of ``vm`` warned about (for ``status``); no notes removes the file."""
+        path = self.notes_path(vm)
+        if not notes:
+            if path.exists():
+                path.unlink()
+            return
+        ensure_private_dir(path.parent)
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, "".join(f"{n}\n" for n in notes).encode())
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+
+    def noted_vms(self) -> list[str]:
+        try:
+            names = os.listdir(self.state_dir / "notes")
+        except OSError:
+            return []
+        return sorted(vm_from_filename(n[: -len(".txt")]) for n in names if n.endswith(".txt"))
+
+    def notes(self, vm: str) -> list[str]:
+        try:
+            return self.notes_path(vm).read_text().splitlines()
+        except OSError:
+            return []
+
     def claims(self, except_vm: str | None = None) -> dict[str, str]:
         """PCI addresses that other VMs' open journals hold: {address: vm}."""
         claimed = {}

@@ -30,6 +30,13 @@ class Context:
     runner: Runner = field(default_factory=SubprocessRunner)
     clock: Callable[[], float] = time.monotonic
     sleep: Callable[[float], None] = time.sleep
+    # What did not come back exactly but does not keep a journal open (shown by `status`).
+    warnings: list[str] = field(default_factory=list)
+
+    def warn(self, message: str) -> None:
+        """Log ``message`` as a warning and keep it for the journal store's notes."""
+        log.warning("%s", message)
+        self.warnings.append(message)
 
 
 def wait_until(ctx: Context, done: Callable[[], bool], timeout: float, what: str) -> float:

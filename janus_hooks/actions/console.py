@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 from janus_hooks.actions.base import Action, Context, wait_until
+from janus_hooks.errors import StepFailed
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,18 @@ class DetachFramebuffer(Action):
         driver = old.get("driver")
         if not driver or ctx.host.framebuffer_driver(self.device) == driver:
             return
-        ctx.host.kernel.write(ctx.host.platform_driver_dir(driver) / "bind", self.device)
-        wait_until(ctx, lambda: ctx.host.framebuffer_driver(self.device) == driver, ctx.config.timeouts.driver,
-                   f"{self.device} binding to {driver}")
+        if not ctx.host.platform_device_exists(self.device):
+            # Kernels >= 6.0 remove the boot framebuffer's platform device when the native driver takes
+            # the aperture over: the native driver's own fbdev is the console now, nothing to re-attach.
+            log.info("boot framebuffer %s is gone (the native driver took it over): nothing to re-attach",
+                     self.device)
+            return
+        try:
+            ctx.host.kernel.write(ctx.host.platform_driver_dir(driver) / "bind", self.device)
+            wait_until(ctx, lambda: ctx.host.framebuffer_driver(self.device) == driver,
+                       ctx.config.timeouts.driver, f"{self.device} binding to {driver}")
+        except StepFailed as err:
+            # Seen on real cards ("BAR has moved"): the native driver's console works without it, and a
+            # journal kept open for it would be replayed before the VM's next start for nothing.
+            ctx.warn(f"boot framebuffer {self.device} could not be re-attached to {driver} ({err}); "
+                     "the console stays on the GPU driver's own framebuffer")

@@ -75,9 +75,13 @@ def status(env: Env, root: Path, uri: str) -> None:
         click.echo(f"  VMs in libvirt: not listed ({err})")
     store = readable_store(host)
     states = {name: s for name in store.vms() if (s := store.read(name)) is not None}
-    click.echo("Managed VMs:" if profiles or states else "Managed VMs: none (mark one with 'janus-hooks profile')")
-    for vm in sorted(set(profiles) | set(states)):
+    noted = store.noted_vms()
+    click.echo("Managed VMs:" if profiles or states or noted
+               else "Managed VMs: none (mark one with 'janus-hooks profile')")
+    for vm in sorted(set(profiles) | set(states) | set(noted)):
         state = states.get(vm)
         holds = (f"holds {', '.join(state.devices) or 'no PCI device'} since {when(state.started)}, "
                  f"{len(state.open_steps)} change(s) open" if state else "idle")
         click.echo(f"  {vm:<20} {profiles.get(vm, 'no profile any more'):<32} {holds}")
+        for note in store.notes(vm):
+            click.echo(f"    warning (last release): {note}")

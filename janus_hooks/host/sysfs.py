@@ -187,6 +187,9 @@ class Host:
             if n.startswith(BOOT_FRAMEBUFFER_PREFIXES)
         ]
 
+    def platform_device_exists(self, device: str) -> bool:
+        return os.path.lexists(self.path("sys/bus/platform/devices", device))
+
     def framebuffer_driver(self, device: str) -> str | None:
         return _link_name(self.path("sys/bus/platform/devices", device, "driver"))
 

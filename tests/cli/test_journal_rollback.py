@@ -211,3 +211,19 @@ def test_top_level_help_lists_every_command_with_its_summary(make_cli):
     assert result.exit_code == 0
     for name, command in cli.commands.items():
         assert f"  {name:<10} {command.short_help}" in result.output
+
+
+def test_status_shows_what_the_last_release_warned_about(make_cli):
+    from tests.fake.kernel import FakeKernel
+
+    c = make_cli(desktops.nvidia_desktop)
+    assert c.fake.hook("win11", "prepare", "begin", XML)[0] == 0
+    c.fake.kernel = FakeKernel(c.root, fault=lambda n, op, target: target.endswith("efi-framebuffer/bind"))
+    assert c.fake.hook("win11", "release", "end", XML) == (0, "")
+    result = c("status")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("  win11"))
+    assert lines[at].endswith("idle")
+    assert lines[at + 1].startswith("    warning (last release): boot framebuffer efi-framebuffer.0 could not be "
+                                    "re-attached to efi-framebuffer")

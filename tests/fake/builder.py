@@ -113,8 +113,11 @@ class HostBuilder:
         write(self.root / "sys/class/vtconsole/vtcon1/bind", "0\n" if bound else "1\n")
         return self
 
-    def framebuffer(self, kind: str) -> HostBuilder:
+    def framebuffer(self, kind: str, handover: bool = False) -> HostBuilder:
+        """``handover``: as kernels >= 6.0 do, the native driver binding the boot GPU removes the device."""
         device, driver, fbname = FB_KINDS[kind]
+        if handover:
+            self.world["fb_handover"] = True
         ddir = self.root / "sys/bus/platform/drivers" / driver
         write(ddir / "bind", "")
         write(ddir / "unbind", "")

@@ -8,6 +8,8 @@ Rules it enforces (the ones janus-hooks depends on, as seen on a real 6.1 kernel
   loading a module registers its drivers and probes the devices they match;
 - ``vtconN/bind``: 0 hands the consoles to the other vtconsole, 1 is ignored (as 6.1 does for fbcon);
 - platform ``bind``/``unbind`` move the binding;
+- a native driver binding the boot GPU removes the boot framebuffer's platform device when the host was
+  built with ``handover`` (kernels >= 6.0);
 - ``nr_hugepages`` grants only what the node's memory allows; compaction frees fragmented pages.
 """
 
@@ -108,6 +110,14 @@ class FakeKernel:
     def _bind(self, address: str, driver: str) -> None:
         link(self._dev(address) / "driver", f"../../../../bus/pci/drivers/{driver}")
         link(self.root / "sys/bus/pci/drivers" / driver / address, f"../../../../devices/{address}")
+        world = self._world()
+        boot_vga = (self._dev(address) / "boot_vga").exists() and (self._dev(address) / "boot_vga").read_text() == "1\n"
+        if world.get("fb_handover") and boot_vga and driver == world["devices"][address].get("native"):
+            # Aperture handover (kernels >= 6.0): the native driver removes the boot framebuffer's device.
+            platform = self.root / "sys/bus/platform/devices"
+            for name in os.listdir(platform) if platform.is_dir() else []:
+                if name.startswith(("efi-framebuffer.", "simple-framebuffer.", "vesa-framebuffer.")):
+                    rmtree(platform / name)
 
     def _unbind_dev(self, address: str) -> None:
         driver = self._driver_of(address)
