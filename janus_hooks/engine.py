@@ -46,15 +46,23 @@ class Engine:
         self.store = store
         self.observer = observer
 
-    def prepare(self, plan: Plan) -> RunReport:
-        """Apply ``plan``; on any failure revert what was done and raise StepFailed with one sentence."""
-        plan.raise_if_refused()
+    def prepare(self, vm: str, make_plan: Callable[[], Plan]) -> tuple[Plan, RunReport]:
+        """Plan and apply under one hold of the host-wide lock; on any failure revert and raise StepFailed.
+
+        ``make_plan`` runs inside the lock, after any leftover of this VM was reverted: a plan made before
+        the lock would check other VMs' claims and read the host as they were before a concurrent start,
+        release or rollback changed them (two VMs would both get one GPU; a stale snapshot would skip the
+        binding that a finishing release just undid).
+        """
         with self.store.lock(self.ctx.config.timeouts.lock, self.ctx.clock, self.ctx.sleep):
-            if self.store.exists(plan.vm):
-                # A start whose previous run never got its release (crash, killed libvirtd): undo that first.
-                log.warning("VM %s: reverting changes left by an earlier start", plan.vm)
-                self._replay(plan.vm)
-            return self._apply(plan)
+            if self.store.exists(vm):
+                # A start whose previous run never got its release (crash, killed libvirtd): undo that first,
+                # so that the plan reads the host as it is afterwards.
+                log.warning("VM %s: reverting changes left by an earlier start", vm)
+                self._replay(vm)
+            plan = make_plan()
+            plan.raise_if_refused()
+            return plan, self._apply(plan)
 
     def release(self, vm: str) -> RunReport:
         """Revert everything the journal of ``vm`` records, newest first. No journal: nothing to do."""

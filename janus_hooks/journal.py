@@ -85,7 +85,7 @@ class JournalStore:
     def lock(self, timeout: float, clock: Callable[[], float] = time.monotonic,
              sleep: Callable[[float], None] = time.sleep) -> Iterator[None]:
         """Hold the host-wide transition lock; give up after ``timeout`` seconds naming the lock file."""
-        self.prepare()
+        ensure_private_dir(self.state_dir)
         path = self.state_dir / "lock"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:

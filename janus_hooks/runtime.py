@@ -75,10 +75,10 @@ class Janus:
         return Engine(self.ctx, self.store, self.observer)
 
     def prepare(self, spec: DomainSpec) -> tuple[Plan, RunReport | None]:
-        plan = self.plan(spec)
-        if not plan.managed:
-            return plan, None
-        return plan, self.engine().prepare(plan)
+        """Plan, check claims and apply while holding the host-wide lock (see ``Engine.prepare``)."""
+        if self.mode_of(spec)[0] is None:
+            return self.plan(spec), None
+        return self.engine().prepare(spec.name, lambda: self.plan(spec))
 
     def release(self, vm: str) -> RunReport:
         return self.engine().release(vm)
