@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import logging.handlers
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -14,6 +13,7 @@ from janus_hooks.errors import JanusError
 from janus_hooks.files import ensure_private_dir
 from janus_hooks.host import Host, Runner, Services, SubprocessRunner, SystemdServices
 from janus_hooks.journal import JournalStore
+from janus_hooks.logfile import RotatingLog
 
 if TYPE_CHECKING:
     from janus_hooks.domain import DomainSpec
@@ -94,7 +94,7 @@ class Janus:
         """
         try:
             log_dir = ensure_private_dir(self.host.log_dir())
-            handler = logging.handlers.RotatingFileHandler(log_dir / name, maxBytes=1 << 20, backupCount=3)
+            handler = RotatingLog(log_dir / name, max_bytes=1 << 20, backups=3)
         except (OSError, JanusError):
             return
         handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
