@@ -18,8 +18,10 @@ so only its shares are meaningful): the modules imported beyond the floor's, by 
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import resource
 import select
 import subprocess
 import tempfile
@@ -27,7 +29,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import FLOOR_ARGV, HOOK_ENV, REPO, SPAWN_TIMEOUT, VENV_PYTHON, domain_xml, render_shim, timed_spawn
+from bench.common import (
+    FLOOR_ARGV,
+    HOOK_ENV,
+    REPO,
+    SPAWN_TIMEOUT,
+    VENV_PYTHON,
+    domain_xml,
+    fs_type,
+    render_shim,
+    timed_spawn,
+)
 from bench.stats import BenchError, Row, median, ratio_row
 
 GROUP = "slowpath"
@@ -128,6 +140,7 @@ def run_hook(launcher: Path, server: SeamServer, phase: tuple[str, str], xml: by
     rep_r, rep_w = os.pipe()
     done: list[str] | None = None
     with tempfile.TemporaryFile() as err:
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
         try:
             proc = subprocess.Popen([*argv_prefix, str(launcher), str(rep_r), str(req_w), VM, *phase, "-"],  # noqa: S603
@@ -148,6 +161,7 @@ def run_hook(launcher: Path, server: SeamServer, phase: tuple[str, str], xml: by
                 os.write(rep_w, _frame(server.handle(fields)))
             code = proc.wait(timeout=max(0.1, reader.deadline - time.monotonic()))
             wall = time.perf_counter() - start
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
         except (BenchError, subprocess.TimeoutExpired) as error:
             proc.kill()
             proc.wait(timeout=10)
@@ -161,7 +175,10 @@ def run_hook(launcher: Path, server: SeamServer, phase: tuple[str, str], xml: by
         last = stderr.strip().splitlines()
         raise BenchError(f"hook {' '.join(phase)} for VM {VM} exited {code}: {last[-1] if last else 'no message'}")
     seams, calls, client_import = float(done[1]), int(done[2]), float(done[3])
-    return {"wall": wall, "seams": seams, "calls": calls, "client_import": client_import, "stderr": stderr}
+    # The hook's own CPU time (user + system): less sensitive than wall time to a neighbour's load.
+    cpu = after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime
+    return {"wall": wall, "seams": seams, "calls": calls, "client_import": client_import, "cpu": cpu,
+            "stderr": stderr}
 
 
 def import_tree(stderr: str) -> list[tuple[int, str, float, float, list]]:
@@ -218,6 +235,42 @@ def _imports_note(info: dict[str, Any]) -> str:
             f"{stdlib or 'none'}")
 
 
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def row_value(samples: list[float]) -> float:
+    return median(samples) * 1000
+
+
+def journal_intents(journal: Path) -> int:
+    return sum(json.loads(line)["type"] == "intent" for line in journal.read_text().splitlines() if line.strip())
+
+
+def journal_sync_floor(directory: Path, records: int) -> float:
+    """Seconds for ``records`` appends each followed by fdatasync, then one directory fsync, in ``directory``:
+    what janus_hooks/journal.py makes durable (prepare: begin and every intent, and the file's creation;
+    release: one "reverted" per step, and the file's removal)."""
+    path = directory / "bench-sync-floor"
+    start = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        for _ in range(records):
+            os.write(fd, b'{"action":{"kind":"bind-vfio"},"old":{},"step":0,"type":"intent"}\n')
+            os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    seconds = time.perf_counter() - start
+    path.unlink()
+    return seconds
+
+
 def measure(scratch: Path, runs: int, warmup: int) -> list[Row]:
     from tests.fake import hosts
     from tests.fake.world import snapshot_tree
@@ -242,6 +295,8 @@ def measure(scratch: Path, runs: int, warmup: int) -> list[Row]:
         return result
 
     samples: dict[str, list[float]] = {"prepare": [], "release": [], "floor": []}
+    cpu: dict[str, list[float]] = {"prepare": [], "release": [], "floor": []}
+    syncs: dict[str, list[float]] = {"prepare": [], "release": []}
     last: dict[str, dict[str, Any]] = {}
     rng = random.Random(9)
     for round_ in range(warmup + runs):
@@ -250,12 +305,23 @@ def measure(scratch: Path, runs: int, warmup: int) -> list[Row]:
         order.insert(rng.randrange(3), "floor")
         for name in order:
             if name == "floor":
+                used = children_cpu()
                 seconds = timed_spawn(FLOOR_ARGV, xml)
+                cpu_seconds = children_cpu() - used
             else:
                 result = last[name] = hook(("prepare", "begin") if name == "prepare" else ("release", "end"))
                 seconds = result["wall"] - result["seams"] - result["client_import"]
+                cpu_seconds = result["cpu"]
+                if name == "prepare":
+                    intents = journal_intents(journal)
+                # What the journal's durable records cost on this filesystem, replayed right after the hook.
+                fsync_seconds = journal_sync_floor(journal.parent, intents + (name == "prepare"))
+                last[name]["journal_fdatasyncs"] = intents + (name == "prepare")
             if round_ >= warmup:
                 samples[name].append(seconds)
+                cpu[name].append(cpu_seconds)
+                if name != "floor":
+                    syncs[name].append(fsync_seconds)
     if snapshot_tree(root) != before:
         raise BenchError("the fake host tree differs from before after prepare+release: release is incomplete")
 
@@ -269,16 +335,22 @@ def measure(scratch: Path, runs: int, warmup: int) -> list[Row]:
     rows = []
     for name, phase in (("prepare", "prepare begin"), ("release", "release end")):
         info = last[name]
+        fsync_ms = median(syncs[name]) * 1000
         note = (f"the installed shim as a process (#!{VENV_PYTHON} -IS), {len(xml)} B XML, default janus.toml; "
                 f"value = spawn-to-exit wall minus time in the fake kernel/systemd seams; last run: wall "
-                f"{info['wall'] * 1000:.1f} ms, {info['calls']} seam calls {info['seams'] * 1000:.1f} ms "
-                f"(excluded), seam client import {info['client_import'] * 1000:.2f} ms (excluded); "
-                f"median floor {median(samples['floor']) * 1000:.1f} ms")
+                f"{info['wall'] * 1000:.1f} ms, {info['calls']} seam calls {info['seams'] * 1000:.1f} ms (excluded), "
+                f"seam client import {info['client_import'] * 1000:.2f} ms (excluded); CPU user+sys medians: "
+                f"hook {median(cpu[name]) * 1000:.1f} ms, floor {median(cpu['floor']) * 1000:.1f} ms; "
+                f"the journal's {info['journal_fdatasyncs']} fdatasync'd records + 1 directory fsync cost "
+                f"{fsync_ms:.1f} ms on {fs_type(root)} when replayed alone (median), the value without them "
+                f"{row_value(samples[name]) - fsync_ms:.1f} ms")
         if name == "prepare":
             note += "; " + _imports_note(imports)
         row = ratio_row(GROUP, f"hook process: single-GPU + hugepages {phase} (fake kernel) vs interpreter floor",
                         samples[name], samples["floor"], goal_value=50.0, baseline_label=floor_label, note=note)
         row.extra = {k: v for k, v in info.items() if k != "stderr"}
+        row.extra |= {"cpu_ms": median(cpu[name]) * 1000, "floor_cpu_ms": median(cpu["floor"]) * 1000,
+                      "journal_sync_ms": fsync_ms}
         rows.append(row)
     rows[0].extra["imports"] = imports
     return rows
