@@ -253,18 +253,31 @@ def _graphical_session(b: _Builder, hold: ProcessHold) -> str | None:
     return None
 
 
+def _goes_with(peers_per_fd: tuple[tuple[int, ...], ...], ended: set[int]) -> bool:
+    """Every descriptor is an open file that some process the plan ends holds too."""
+    return bool(peers_per_fd) and all(ended.intersection(peers) for peers in peers_per_fd)
+
+
 def _free_gpu(b: _Builder, gpus: list[PciDevice], nodes: tuple[str, ...], shared: tuple[str, ...]) -> None:
     units = _stop_units(b, gpus)
     holders = [h for h in b.snap.holders if h.node in nodes or any(h.node.startswith(p) for p in shared)]
     single = b.mode == "single-gpu"
     by_command = single and not b.snap.systemd and bool(b.config.stop_command)
     sessions: dict[str, int] = {}
-    for hold in holders:
+    ended: set[int] = set()  # pids that let go when the plan's units stop and its sessions end
+    keepers = [h for h in holders if h.session_device_keeper]
+    for hold in [h for h in holders if not h.session_device_keeper] + keepers:
         if hold.unit and hold.unit in units:
+            ended.add(hold.pid)
+            continue
+        if hold.session_device_keeper and _goes_with(b.snap.shared_files.get((hold.pid, hold.node), ()), ended):
+            # logind's (and PID 1's fd-store) copy of a device that a session the plan ends holds: it goes
+            # with that session. WaitReleased still checks that it did.
             continue
         session = _graphical_session(b, hold) if single and b.config.end_sessions else None
         if session:
             sessions.setdefault(session, hold.uid if hold.uid is not None else -1)
+            ended.add(hold.pid)
             continue
         if by_command:
             continue  # the display stop command is expected to end it; WaitReleased checks

@@ -47,6 +47,8 @@ class HostSnapshot:
     numa_nodes: tuple[int, ...]
     boot_id: str
     claims: dict[str, str] = field(default_factory=dict)  # address -> VM whose journal holds it
+    # (pid, node) of PID 1 / systemd-logind -> per descriptor, the pids holding that very open file (kcmp).
+    shared_files: dict[tuple[int, str], tuple[tuple[int, ...], ...]] = field(default_factory=dict)
 
     def card_nodes(self, gpu: PciDevice) -> tuple[str, ...]:
         """The device nodes of one card: its /dev/dri nodes and the vendor's per-card ones (/dev/nvidiaN)."""
@@ -77,6 +79,9 @@ class HostSnapshot:
         dm = host.unit_file_target(DISPLAY_MANAGER_ALIAS)
         if dm is None:
             dm = next((u for u in KNOWN_DISPLAY_MANAGERS if host.unit_exists(u)), None)
+        holders = host.gpu_holders()
+        others = [h for h in holders if not h.session_device_keeper]
+        shared = {(h.pid, h.node): host.shared_with(h, others) for h in holders if h.session_device_keeper}
         candidates = set(KNOWN_DISPLAY_MANAGERS) | set(units_of_interest) | {"nvidia-persistenced.service"}
         return cls(
             devices=devices,
@@ -91,7 +96,7 @@ class HostSnapshot:
             modules=modules,
             module_dirs=frozenset(module_names),
             pci_drivers=frozenset(host.pci_drivers()),
-            holders=tuple(host.gpu_holders()),
+            holders=tuple(holders),
             sessions=tuple(host.sessions()),
             systemd=systemd,
             display_manager=dm,
@@ -102,4 +107,5 @@ class HostSnapshot:
             numa_nodes=tuple(host.numa_nodes()),
             boot_id=host.boot_id(),
             claims=dict(claims or {}),
+            shared_files=shared,
         )

@@ -81,6 +81,13 @@ class ProcessHold:
     session: str | None  # logind session id from its cgroup, if any
     uid: int | None = None
     cgroup: str = ""
+    fds: tuple[int, ...] = ()  # its descriptors of ``node`` (kcmp compares them with another process's)
+
+    @property
+    def session_device_keeper(self) -> bool:
+        """PID 1 (logind's fd store) or systemd-logind itself: they keep a copy of every device a session
+        took through logind, and let go of it when the session ends."""
+        return self.pid == 1 or self.unit == "systemd-logind.service"
 
     def describe(self) -> str:
         return f"pid {self.pid} ({self.command}) via {self.node}"

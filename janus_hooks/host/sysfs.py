@@ -273,30 +273,33 @@ class Host:
                 fds = os.listdir(fd_dir)
             except OSError:
                 continue
-            seen: set[str] = set()
+            found: dict[str, list[int]] = {}
             for fd in fds:
                 try:
                     target = os.readlink(fd_dir / fd)
                 except OSError:
                     continue
-                if not target.startswith(GPU_NODE_PREFIXES) or target in seen:
+                if not target.startswith(GPU_NODE_PREFIXES) or self._fd_is_opath(pid, fd):
                     continue
-                if self._fd_is_opath(pid, fd):
-                    continue
-                seen.add(target)
-                cgroup = self.process_cgroup(pid)
-                holds.append(
-                    ProcessHold(
-                        pid=pid,
-                        command=self.process_command(pid),
-                        node=target,
-                        unit=_unit_of(cgroup),
-                        session=_session_of(cgroup),
-                        uid=self.process_uid(pid),
-                        cgroup=cgroup,
-                    )
-                )
+                found.setdefault(target, []).append(int(fd))
+            if not found:
+                continue
+            cgroup = self.process_cgroup(pid)
+            command, uid = self.process_command(pid), self.process_uid(pid)
+            for target, numbers in found.items():
+                holds.append(ProcessHold(pid=pid, command=command, node=target, unit=_unit_of(cgroup),
+                                         session=_session_of(cgroup), uid=uid, cgroup=cgroup,
+                                         fds=tuple(sorted(numbers))))
         return sorted(holds, key=lambda h: (h.pid, h.node))
+
+    def shared_with(self, keeper: ProcessHold, others: list[ProcessHold]) -> tuple[tuple[int, ...], ...]:
+        """For each of ``keeper``'s descriptors of its node, the pids among ``others`` holding that very open
+        file (logind's and PID 1's copies of a session's device): compared by the kernel, not guessed."""
+        peers = [o for o in others if o.pid != keeper.pid and o.node == keeper.node]
+        return tuple(
+            tuple(o.pid for o in peers if any(self.kernel.same_open_file(keeper.pid, fd, o.pid, b) for b in o.fds))
+            for fd in keeper.fds
+        )
 
     def _fd_is_opath(self, pid: int, fd: str) -> bool:
         for line in _read(self.path("proc", str(pid), "fdinfo", fd)).splitlines():

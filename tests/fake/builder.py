@@ -6,7 +6,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.fake.world import link, save_world, spawn_process, write
+from tests.fake.world import (
+    LOGIND_PID,
+    link,
+    open_fd,
+    save_world,
+    session_device_file,
+    session_file,
+    spawn_process,
+    write,
+)
 
 BOOT_ID = "6b1e2c1a-0000-4000-8000-00000000b007"
 
@@ -147,13 +156,35 @@ class HostBuilder:
                                   "opath": opath})
         return self
 
-    def session(self, sid: str, uid: int, kind: str, processes: list[dict[str, Any]] = ()) -> HostBuilder:
-        write(self.root / "run/systemd/sessions" / sid, f"UID={uid}\nUSER=user{uid}\nACTIVE=1\nTYPE={kind}\n")
-        procs = [{**p, "uid": uid, "cgroup": p.get("cgroup", f"/user.slice/user-{uid}.slice/session-{sid}.scope")}
-                 for p in processes]
+    def session(self, sid: str, uid: int, kind: str, processes: list[dict[str, Any]] = (),
+                devices: tuple[str, ...] = (), unit: str | None = None) -> HostBuilder:
+        """A logind session. ``devices``: nodes its processes took through logind (TakeDevice): logind and
+        PID 1's fd store keep the same open file while the session lives. ``unit``: the display manager
+        whose stop ends the session and whose start (autologin) brings it back."""
+        write(self.root / "run/systemd/sessions" / sid, session_file(sid, uid, kind))
+        procs = []
+        for p in processes:
+            fds = [{"node": f, "file": session_device_file(sid, f)} if f in devices else f for f in p.get("fds", [])]
+            procs.append({**p, "fds": fds, "uid": uid,
+                          "cgroup": p.get("cgroup", f"/user.slice/user-{uid}.slice/session-{sid}.scope")})
         self.world["session_processes"][sid] = procs
+        self.world.setdefault("sessions", {})[sid] = {"uid": uid, "kind": kind, "devices": list(devices),
+                                                      "unit": unit}
         for proc in procs:
             spawn_process(self.root, proc)
+        if devices:
+            self.logind()
+            for node in devices:
+                for pid in (1, LOGIND_PID):
+                    open_fd(self.root, pid, node, session_device_file(sid, node))
+        return self
+
+    def logind(self) -> HostBuilder:
+        """PID 1 (systemd, with logind's fd store) and systemd-logind, holding nothing yet."""
+        if not (self.root / "proc/1").is_dir():
+            spawn_process(self.root, {"pid": 1, "comm": "systemd", "fds": [], "cgroup": "/init.scope"})
+            spawn_process(self.root, {"pid": LOGIND_PID, "comm": "systemd-logind", "fds": [],
+                                      "cgroup": "/system.slice/systemd-logind.service"})
         return self
 
     def command(self, argv: str, kill: list[dict[str, Any]] = (), spawn: list[dict[str, Any]] = (),

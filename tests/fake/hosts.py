@@ -139,3 +139,29 @@ def numa_two_nodes(root: Path, node_pages: dict[int, int] | None = None,
     for n in (0, 1):
         (write_nodes / f"node{n}").mkdir(parents=True, exist_ok=True)
     return b.build()
+
+
+DESKTOP_GPU = "0000:00:02.0"
+DESKTOP_AUDIO = "0000:00:02.1"
+SECOND_GPU = "0000:00:03.0"
+DESKTOP_USER = 1000
+
+
+def systemd_desktop(root: Path, second_gpu: bool = False) -> Path:
+    """What the desktop lab runs: systemd as PID 1 with logind, greetd's autologin starting weston in a
+    wayland session on seat0; weston took card0 through logind (TakeDevice), so logind and PID 1's fd store
+    hold the very same open file. ``second_gpu``: a secondary-vga on bochs-drm in its own IOMMU group."""
+    b = _common(HostBuilder(root))
+    b.module("drm")
+    b.module("bochs", drivers=("bochs-drm",), deps=("drm",))
+    b.pci(DESKTOP_GPU, "0x1234", "0x1111", "0x030000", "bochs-drm", 2, boot_vga=True, reset="")
+    b.drm(0, DESKTOP_GPU)
+    if second_gpu:
+        b.pci(SECOND_GPU, "0x1234", "0x1111", "0x030000", "bochs-drm", 3, boot_vga=False, reset="")
+        b.drm(1, SECOND_GPU)
+    b.fbcon()
+    b.unit("greetd.service", [{"pid": 1100, "comm": "greetd", "fds": []}])
+    b.display_manager("greetd.service")
+    b.session("1", DESKTOP_USER, "wayland", unit="greetd.service", devices=("/dev/dri/card0",),
+              processes=[{"pid": 1150, "comm": "weston", "fds": ["/dev/dri/card0"]}])
+    return b.build()

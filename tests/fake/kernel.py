@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from janus_hooks.errors import KernelError
-from tests.fake.world import STATE, link, load_world, rmtree, unlink, write
+from tests.fake.world import STATE, link, load_world, open_file_id, rmtree, unlink, write
 
 Fault = Callable[[int, str, str], bool]  # (operation number, operation, target) -> fail?
 
@@ -66,6 +66,11 @@ class FakeKernel:
         if busy:
             raise KernelError(f"unloading module {name} failed: modprobe: FATAL: Module {name} is in use")
         self._unload(name)
+
+    def same_open_file(self, pid_a: int, fd_a: int, pid_b: int, fd_b: int) -> bool:
+        """kcmp(KCMP_FILE) played: the fake's processes record which open file each descriptor is."""
+        a = open_file_id(self.root, pid_a, fd_a)
+        return a is not None and a == open_file_id(self.root, pid_b, fd_b)
 
     # --- bookkeeping --------------------------------------------------------------------------------
     def _count(self, op: str, target: str) -> None:

@@ -12,7 +12,18 @@ from pathlib import Path
 
 from janus_hooks.errors import CommandFailed
 from janus_hooks.host.runner import Result
-from tests.fake.world import kill_process, load_world, spawn_process, unlink, write
+from tests.fake.world import (
+    LOGIND_PID,
+    close_files,
+    kill_process,
+    load_world,
+    open_fd,
+    session_device_file,
+    session_file,
+    spawn_process,
+    unlink,
+    write,
+)
 
 UNIT_STATE = "run/fake-systemd"
 
@@ -39,6 +50,8 @@ class FakeServices:
         for proc in spec.get("processes", []):
             kill_process(self.root, proc["pid"])
         write(self._state(unit), "inactive\n")
+        for sid in self._sessions_of(unit):
+            self._end_session(sid)
 
     def start(self, unit: str, timeout: float) -> None:
         self.calls.append(("start", unit))
@@ -48,13 +61,36 @@ class FakeServices:
         for proc in spec.get("processes", []):
             spawn_process(self.root, proc)
         write(self._state(unit), "active\n")
+        for sid in self._sessions_of(unit):
+            self._begin_session(sid)
 
     def terminate_session(self, session_id: str, timeout: float) -> None:
         self.calls.append(("terminate-session", session_id))
+        self._end_session(session_id)
+
+    def _sessions_of(self, unit: str) -> list[str]:
+        sessions = load_world(self.root).get("sessions", {})
+        return sorted(sid for sid, spec in sessions.items() if spec.get("unit") == unit)
+
+    def _end_session(self, sid: str) -> None:
+        """The session's processes go; logind releases its devices (and drops them from PID 1's fd store)."""
         world = load_world(self.root)
-        for proc in world.get("session_processes", {}).get(session_id, []):
+        for proc in world.get("session_processes", {}).get(sid, []):
             kill_process(self.root, proc["pid"])
-        unlink(self.root / "run/systemd/sessions" / session_id)
+        unlink(self.root / "run/systemd/sessions" / sid)
+        for pid in (1, LOGIND_PID):
+            close_files(self.root, pid, session_device_file(sid, ""))
+
+    def _begin_session(self, sid: str) -> None:
+        """A display manager's autologin: the same session again, its devices taken through logind."""
+        world = load_world(self.root)
+        spec = world["sessions"][sid]
+        write(self.root / "run/systemd/sessions" / sid, session_file(sid, spec["uid"], spec["kind"]))
+        for node in spec.get("devices", []):
+            for pid in (1, LOGIND_PID):
+                open_fd(self.root, pid, node, session_device_file(sid, node))
+        for proc in world.get("session_processes", {}).get(sid, []):
+            spawn_process(self.root, proc)
 
 
 class FakeRunner:

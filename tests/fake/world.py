@@ -14,6 +14,18 @@ from typing import Any
 
 WORLD = ".fake/world.json"
 STATE = ".fake/state"  # fake-only bookkeeping, not part of what a host shows
+FILES = ".fake/files"  # <pid>/<fd>: which open file a descriptor is (what kcmp compares)
+LOGIND_PID = 480
+
+
+def session_device_file(sid: str, node: str) -> str:
+    """The id of the one open file a session's device is while logind holds it for that session."""
+    return f"session-{sid}:{node}"
+
+
+def session_file(sid: str, uid: int, kind: str) -> str:
+    """/run/systemd/sessions/<id> as logind writes it (the fields janus-hooks reads)."""
+    return f"UID={uid}\nUSER=user{uid}\nACTIVE=1\nTYPE={kind}\n"
 
 
 def load_world(root: Path) -> dict[str, Any]:
@@ -58,14 +70,49 @@ def spawn_process(root: Path, proc: dict[str, Any]) -> None:
     write(base / "status", f"Name:\t{proc['comm']}\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n")
     (base / "fd").mkdir(parents=True, exist_ok=True)
     (base / "fdinfo").mkdir(parents=True, exist_ok=True)
-    for number, target in enumerate(proc.get("fds", []), start=3):
-        link(base / "fd" / str(number), target)
-        flags = "010000002" if proc.get("opath") else "02"
-        write(base / "fdinfo" / str(number), f"pos:\t0\nflags:\t{flags}\nmnt_id:\t20\n")
+    for number, entry in enumerate(proc.get("fds", []), start=3):
+        # An fd is a node, or {"node": ..., "file": id}: descriptors with one file id are one open file.
+        node, file_id = (entry, None) if isinstance(entry, str) else (entry["node"], entry.get("file"))
+        _open(root, proc["pid"], number, node, file_id, proc.get("opath", False))
+
+
+def _open(root: Path, pid: int, number: int, node: str, file_id: str | None, opath: bool = False) -> None:
+    base = root / "proc" / str(pid)
+    link(base / "fd" / str(number), node)
+    flags = "010000002" if opath else "02"
+    write(base / "fdinfo" / str(number), f"pos:\t0\nflags:\t{flags}\nmnt_id:\t20\n")
+    if file_id:
+        write(root / FILES / str(pid) / str(number), file_id + "\n")
+
+
+def open_fd(root: Path, pid: int, node: str, file_id: str) -> int:
+    """Give process ``pid`` a descriptor (the lowest free number, as the kernel does) of open file ``file_id``."""
+    used = {int(n) for n in os.listdir(root / "proc" / str(pid) / "fd")}
+    number = next(n for n in range(3, 1 << 16) if n not in used)
+    _open(root, pid, number, node, file_id)
+    return number
+
+
+def close_files(root: Path, pid: int, prefix: str) -> None:
+    """Close every descriptor of ``pid`` whose open file id starts with ``prefix``."""
+    files = root / FILES / str(pid)
+    for number in sorted(os.listdir(files)) if files.is_dir() else []:
+        if (files / number).read_text().strip().startswith(prefix):
+            unlink(root / "proc" / str(pid) / "fd" / number)
+            unlink(root / "proc" / str(pid) / "fdinfo" / number)
+            unlink(files / number)
+
+
+def open_file_id(root: Path, pid: int, fd: int) -> str | None:
+    path = root / FILES / str(pid) / str(fd)
+    if not (path.is_file() and (root / "proc" / str(pid) / "fd" / str(fd)).is_symlink()):
+        return None
+    return path.read_text().strip()
 
 
 def kill_process(root: Path, pid: int) -> None:
     rmtree(root / "proc" / str(pid))
+    rmtree(root / FILES / str(pid))
 
 
 def snapshot_tree(root: Path) -> dict[str, tuple[str, str]]:
