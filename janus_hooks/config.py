@@ -29,6 +29,16 @@ class Timeouts:
 
 
 @dataclass(frozen=True)
+class CpuConfig:
+    """``[cpu]``: host work moved off the cores a running VM is pinned to."""
+
+    isolate: bool = False  # every pinned managed VM; a VM's own profile can ask for it or decline it
+    governor: str = ""  # cpufreq governor for the VM's cores while it runs ("performance"); empty: untouched
+    irqs: bool = True  # move IRQ affinity (and the default for new IRQs) off the VM's cores
+    workqueues: bool = False  # the writeback and unbound-workqueue cpumasks too
+
+
+@dataclass(frozen=True)
 class Config:
     display_manager: str = ""  # empty: whatever display-manager.service points to
     stop_units: tuple[str, ...] = ()
@@ -38,6 +48,7 @@ class Config:
     start_command: tuple[str, ...] = ()
     log_level: str = "info"
     timeouts: Timeouts = field(default_factory=Timeouts)
+    cpu: CpuConfig = field(default_factory=CpuConfig)
 
 
 @dataclass(frozen=True)
@@ -46,6 +57,7 @@ class VmProfile:
 
     mode: str
     stop_units: tuple[str, ...] = ()
+    isolate: bool | None = None  # None: janus.toml's cpu.isolate decides
 
 
 def config_path(config_dir: Path) -> Path:
@@ -72,6 +84,29 @@ def _argv(path: Path, key: str, value: object) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ConfigError(f"{path}: {key} must be a list of strings (an argv, never a shell line)")
     return tuple(value)
+
+
+def _bool(path: Path, key: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{path}: {key} must be true or false")
+    return value
+
+
+def _cpu(path: Path, data: object) -> CpuConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: [cpu] must be a table")
+    unknown = set(data) - {f.name for f in fields(CpuConfig)}
+    if unknown:
+        raise ConfigError(f"{path}: unknown key cpu.{sorted(unknown)[0]}")
+    governor = data.get("governor", "")
+    if not isinstance(governor, str) or (governor and not governor.replace("_", "").isalnum()):
+        raise ConfigError(f"{path}: cpu.governor must be a cpufreq governor name such as \"performance\"")
+    return CpuConfig(
+        isolate=_bool(path, "cpu.isolate", data.get("isolate", False)),
+        governor=governor,
+        irqs=_bool(path, "cpu.irqs", data.get("irqs", True)),
+        workqueues=_bool(path, "cpu.workqueues", data.get("workqueues", False)),
+    )
 
 
 def load_config(config_dir: Path) -> Config:
@@ -103,6 +138,7 @@ def load_config(config_dir: Path) -> Config:
         start_command=_argv(path, "display.start_command", display.get("start_command", [])),
         log_level=level,
         timeouts=timeouts,
+        cpu=_cpu(path, data.get("cpu", {})),
     )
 
 
@@ -114,4 +150,6 @@ def load_profile(config_dir: Path, vm: str) -> VmProfile | None:
     mode = data.get("mode", "single-gpu")
     if mode not in MODES:
         raise ConfigError(f"{path}: mode must be one of {', '.join(MODES)}")
-    return VmProfile(mode=mode, stop_units=_argv(path, "stop_units", data.get("stop_units", [])))
+    isolate = data.get("isolate")
+    return VmProfile(mode=mode, stop_units=_argv(path, "stop_units", data.get("stop_units", [])),
+                     isolate=None if isolate is None else _bool(path, "isolate", isolate))

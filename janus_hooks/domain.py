@@ -1,4 +1,5 @@
-"""Domain XML -> DomainSpec: what a VM asks of the host (PCI hostdevs, memory, hugepages, janus profile). Pure."""
+"""Domain XML -> DomainSpec: what a VM asks of the host (PCI hostdevs, memory, hugepages, CPU pins, janus
+profile). Pure."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from dataclasses import dataclass, field
 from xml.etree import ElementTree
 
 from janus_hooks.config import MODES
+from janus_hooks.cpuset import format_cpulist, parse_cpulist
 from janus_hooks.errors import ConfigError
 
 PROFILE_NS = "https://janus-hooks.org/xmlns/profile/1"
@@ -33,6 +35,28 @@ class HugepageRequest:
 
 
 @dataclass(frozen=True)
+class CpuPins:
+    """Where libvirt will run the VM's threads (``<vcpu cpuset>``, ``<cputune>``): host core numbers."""
+
+    placement: str = "static"  # "auto": numad picks the cores at start, nothing is known before
+    vcpus: frozenset[int] = frozenset()  # every core a vCPU may run on; empty: vCPUs float
+    emulator: frozenset[int] = frozenset()
+    iothreads: frozenset[int] = frozenset()
+
+    @property
+    def pinned(self) -> bool:
+        return self.placement != "auto" and bool(self.vcpus)
+
+    def describe(self) -> str:
+        parts = [f"vCPUs {format_cpulist(self.vcpus)}"]
+        if self.emulator:
+            parts.append(f"emulator {format_cpulist(self.emulator)}")
+        if self.iothreads:
+            parts.append(f"iothreads {format_cpulist(self.iothreads)}")
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
 class DomainSpec:
     name: str
     uuid: str
@@ -40,6 +64,8 @@ class DomainSpec:
     hostdevs: tuple[HostDev, ...]
     hugepages: HugepageRequest | None
     mode: str | None  # from <metadata><janus:profile mode=.../>, None when not marked
+    cpus: CpuPins = field(default_factory=CpuPins)
+    isolate: bool | None = None  # <janus:profile isolate="yes|no"/>; None: the VM's TOML or janus.toml decides
 
 
 def to_kib(value: str, unit: str | None) -> int:
@@ -105,8 +131,10 @@ def parse_domain(xml: str) -> DomainSpec:
         hostdevs.append(HostDev(_pci_address(addr), dev.get("managed", "no") == "yes"))
 
     mode = None
+    isolate = None
     profile = root.find(f"metadata/{{{PROFILE_NS}}}profile")
     if profile is not None:
+        isolate = _yes_no(name, "isolate", profile.get("isolate"))
         mode = profile.get("mode", "single-gpu")
         if mode not in MODES and mode != "none":
             raise ConfigError(f"VM {name!r}: janus profile mode {mode!r} is not one of {', '.join(MODES)}")
@@ -120,6 +148,50 @@ def parse_domain(xml: str) -> DomainSpec:
         hostdevs=tuple(hostdevs),
         hugepages=_hugepages(root, memory_kb),
         mode=mode,
+        cpus=_cpu_pins(root, name),
+        isolate=isolate,
+    )
+
+
+def _yes_no(vm: str, attribute: str, value: str | None) -> bool | None:
+    if value is None:
+        return None
+    if value not in ("yes", "no"):
+        raise ConfigError(f"VM {vm!r}: janus profile {attribute}={value!r} must be 'yes' or 'no'")
+    return value == "yes"
+
+
+def _cpuset(vm: str, where: str, text: str | None) -> frozenset[int]:
+    try:
+        return parse_cpulist(text or "")
+    except ValueError as err:
+        raise ConfigError(f"VM {vm!r}: {where} cpuset {text!r} cannot be read ({err})") from err
+
+
+def _cpu_pins(root, vm: str) -> CpuPins:
+    """Cores from ``<vcpu placement cpuset>`` and ``<cputune>`` vcpupin/emulatorpin/iothreadpin."""
+    vcpu = root.find("vcpu")
+    placement = vcpu.get("placement", "static") if vcpu is not None else "static"
+    try:
+        count = int((vcpu.text or "1").strip()) if vcpu is not None else 1
+    except ValueError as err:
+        raise ConfigError(f"VM {vm!r}: <vcpu> {vcpu.text!r} is not a number") from err
+    default = _cpuset(vm, "<vcpu>", vcpu.get("cpuset")) if vcpu is not None else frozenset()
+    pins = {int(p.get("vcpu", "-1")): _cpuset(vm, f"vcpupin {p.get('vcpu')}", p.get("cpuset"))
+            for p in root.findall("cputune/vcpupin")}
+    vcpus: set[int] = set().union(*pins.values()) if pins else set()
+    if any(i not in pins for i in range(count)):
+        # A vCPU without its own pin runs on <vcpu cpuset> (or anywhere without one).
+        vcpus = vcpus | default if default else set()
+    emulator = root.find("cputune/emulatorpin")
+    iothreads = [_cpuset(vm, f"iothreadpin {p.get('iothread')}", p.get("cpuset"))
+                 for p in root.findall("cputune/iothreadpin")]
+    return CpuPins(
+        placement=placement,
+        vcpus=frozenset(vcpus),
+        # libvirt runs the emulator on <vcpu cpuset> when it has no pin of its own.
+        emulator=_cpuset(vm, "emulatorpin", emulator.get("cpuset")) if emulator is not None else default,
+        iothreads=frozenset().union(*iothreads) if iothreads else frozenset(),
     )
 
 

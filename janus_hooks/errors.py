@@ -22,7 +22,11 @@ class StepFailed(JanusError):
 
 
 class KernelError(StepFailed):
-    """A sysfs write or a module operation that the kernel refused."""
+    """A sysfs write or a module operation that the kernel refused; ``errno`` says how, when known."""
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
 
 
 class CommandFailed(StepFailed):

@@ -168,6 +168,27 @@ class JournalStore:
         except OSError:
             return []
 
+    def open_steps(self, except_vm: str | None, boot_id: str) -> list[tuple[str, Step]]:
+        """Steps not yet reverted in the other journals of this boot (a journal from before a reboot
+        holds nothing any more: its non-persistent changes went with the reboot)."""
+        found = []
+        for vm in self.vms():
+            if vm == except_vm:
+                continue
+            state = self.read(vm)
+            if state is not None and state.boot_id == boot_id:
+                found += [(vm, step) for step in state.open_steps]
+        return found
+
+    def cpu_claims(self, boot_id: str, except_vm: str | None = None) -> dict[str, frozenset[int]]:
+        """Host cores that running VMs' open journals keep for them: {vm: cores}."""
+        claimed: dict[str, frozenset[int]] = {}
+        for vm, step in self.open_steps(except_vm, boot_id):
+            cores = step.action.held_cpus()
+            if cores:
+                claimed[vm] = claimed.get(vm, frozenset()) | cores
+        return claimed
+
     def claims(self, except_vm: str | None = None) -> dict[str, str]:
         """PCI addresses that other VMs' open journals hold: {address: vm}."""
         claimed = {}

@@ -6,7 +6,8 @@ Order, and why:
    nobody holds its nodes any more;
 3. the text console: fbcon vtconsoles, then the boot framebuffer;
 4. the host driver: modules in holders order (or only an unbind when another device shares the driver);
-5. vfio modules, then every function of the GPU bound to vfio-pci.
+5. vfio modules, then every function of the GPU bound to vfio-pci;
+6. CPU isolation (``isolation.py``), once the GPU is the VM's: host work off the VM's pinned cores.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from janus_hooks.domain import DomainSpec
 from janus_hooks.errors import PlanRefused
 from janus_hooks.gpu import backend_for, quirks
 from janus_hooks.host import Module, PciDevice, ProcessHold
+from janus_hooks.isolation import isolation_steps
 from janus_hooks.snapshot import HostSnapshot
 
 # The IOMMU backend first: loading vfio-pci also loads it (a soft dependency on Debian's 6.1), and a step
@@ -116,7 +118,10 @@ def make_plan(spec: DomainSpec, mode: str | None, config: Config, snap: HostSnap
                 _console(b, gpus)
             b.actions += unloading
         _vfio(b, addresses)
-    except _Refuse as refusal:
+        steps, notes = isolation_steps(spec, config, snap)
+        b.actions += steps
+        b.notes += notes
+    except (_Refuse, PlanRefused) as refusal:
         return Plan(spec.name, mode, addresses, refusal=str(refusal))
     return Plan(spec.name, mode, addresses, tuple(b.actions), tuple(b.notes))
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from janus_hooks.actions import Context
@@ -52,23 +52,34 @@ class Janus:
 
     def mode_of(self, spec: DomainSpec) -> tuple[str | None, tuple[str, ...]]:
         """The VM's janus mode (XML metadata first, then its TOML profile) and its extra units."""
+        mode, units, _isolate = self._profile(spec)
+        return mode, units
+
+    def _profile(self, spec: DomainSpec) -> tuple[str | None, tuple[str, ...], bool | None]:
+        """Mode, extra units and the VM's own isolation request: the XML first, then its TOML profile."""
         profile = load_profile(self.host.config_dir(), spec.name)
+        isolate = spec.isolate if spec.isolate is not None else profile.isolate if profile else None
         if spec.mode:
-            return spec.mode, profile.stop_units if profile else ()
+            return spec.mode, profile.stop_units if profile else (), isolate
         if profile:
-            return profile.mode, profile.stop_units
-        return None, ()
+            return profile.mode, profile.stop_units, isolate
+        return None, (), isolate
 
     def plan(self, spec: DomainSpec) -> Plan:
         # Only a start plans: a release (the hook's other slow path) never imports the planner.
+        from janus_hooks.isolation import wants_isolation
         from janus_hooks.plan import make_plan
-        from janus_hooks.snapshot import HostSnapshot
+        from janus_hooks.snapshot import CpuState, HostSnapshot
 
-        mode, units = self.mode_of(spec)
+        mode, units, isolate = self._profile(spec)
         if mode is None:
             return make_plan(spec, None, self.config, None)
+        spec = replace(spec, isolate=isolate)
+        cpu = None
+        if wants_isolation(spec, self.config):
+            cpu = CpuState.read(self.host, self.store.cpu_claims(self.host.boot_id(), except_vm=spec.name))
         snap = HostSnapshot.read(self.host, claims=self.store.claims(except_vm=spec.name),
-                                 units_of_interest=tuple(self.config.stop_units) + units)
+                                 units_of_interest=tuple(self.config.stop_units) + units, cpu=cpu)
         return make_plan(spec, mode, self.config, snap, units)
 
     def engine(self) -> Engine:

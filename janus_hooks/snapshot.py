@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from janus_hooks.actions.cpu import IRQBALANCE_UNIT
 from janus_hooks.gpu import backend_for, nodes_for
 from janus_hooks.host import (
     Framebuffer,
@@ -22,6 +23,46 @@ KNOWN_DISPLAY_MANAGERS = (
     "gdm.service", "gdm3.service", "sddm.service", "lightdm.service", "lxdm.service", "xdm.service",
     "ly.service", "greetd.service", "cosmic-greeter.service", "slim.service",
 )
+
+
+@dataclass(frozen=True)
+class CpuState:
+    """What CPU isolation plans from: cores, SMT threads, cgroups, cpufreq and the other VMs' cores."""
+
+    online: frozenset[int]
+    present: frozenset[int]
+    siblings: dict[int, frozenset[int]]
+    governors: dict[int, str]  # cores with cpufreq: their governor now
+    available_governors: dict[int, tuple[str, ...]]
+    cgroup2: bool
+    root_controllers: frozenset[str]  # the root cgroup's cgroup.subtree_control
+    cpuset_groups: tuple[str, ...]  # top-level cgroups that have a cpuset.cpus
+    default_irq_affinity: bool  # /proc/irq/default_smp_affinity exists
+    workqueue_masks: tuple[str, ...]  # "workqueue", "writeback": the cpumask files that exist
+    irqbalance_pid: int | None  # a running irqbalance without systemd
+    claims: dict[str, frozenset[int]]  # cores other running VMs keep: {vm: cores}
+
+    @classmethod
+    def read(cls, host: Host, claims: dict[str, frozenset[int]] | None = None) -> CpuState:
+        online = host.cpus_online()
+        governors = {c: g for c in sorted(online) if (g := host.cpu_governor(c)) is not None}
+        cgroup2 = host.cgroup2()
+        return cls(
+            online=online,
+            present=host.cpus_present() or online,
+            siblings={c: host.cpu_siblings(c) for c in sorted(online)},
+            governors=governors,
+            available_governors={c: host.cpu_governors(c) for c in governors},
+            cgroup2=cgroup2,
+            root_controllers=host.cgroup_subtree_controllers() if cgroup2 else frozenset(),
+            cpuset_groups=tuple(g for g in host.cgroup_children() if host.cgroup_cpus(g) is not None)
+            if cgroup2 else (),
+            default_irq_affinity=host.read_value(host.default_irq_affinity_path()) is not None,
+            workqueue_masks=tuple(n for n in ("workqueue", "writeback")
+                                  if host.read_value(host.workqueue_mask_path(n)) is not None),
+            irqbalance_pid=host.daemon_pid("irqbalance"),
+            claims=dict(claims or {}),
+        )
 
 
 @dataclass(frozen=True)
@@ -49,6 +90,7 @@ class HostSnapshot:
     claims: dict[str, str] = field(default_factory=dict)  # address -> VM whose journal holds it
     # (pid, node) of PID 1 / systemd-logind -> per descriptor, the pids holding that very open file (kcmp).
     shared_files: dict[tuple[int, str], tuple[tuple[int, ...], ...]] = field(default_factory=dict)
+    cpu: CpuState | None = None  # read only when a VM may be isolated
 
     def card_nodes(self, gpu: PciDevice) -> tuple[str, ...]:
         """The device nodes of one card: its /dev/dri nodes and the vendor's per-card ones (/dev/nvidiaN)."""
@@ -57,7 +99,7 @@ class HostSnapshot:
 
     @classmethod
     def read(cls, host: Host, claims: dict[str, str] | None = None,
-             units_of_interest: tuple[str, ...] = ()) -> HostSnapshot:
+             units_of_interest: tuple[str, ...] = (), cpu: CpuState | None = None) -> HostSnapshot:
         devices = {d.address: d for d in host.pci_devices()}
         groups: dict[int, tuple[str, ...]] = {}
         for dev in devices.values():
@@ -83,6 +125,8 @@ class HostSnapshot:
         others = [h for h in holders if not h.session_device_keeper]
         shared = {(h.pid, h.node): host.shared_with(h, others) for h in holders if h.session_device_keeper}
         candidates = set(KNOWN_DISPLAY_MANAGERS) | set(units_of_interest) | {"nvidia-persistenced.service"}
+        if cpu is not None:
+            candidates.add(IRQBALANCE_UNIT)
         return cls(
             devices=devices,
             groups=groups,
@@ -108,4 +152,5 @@ class HostSnapshot:
             boot_id=host.boot_id(),
             claims=dict(claims or {}),
             shared_files=shared,
+            cpu=cpu,
         )

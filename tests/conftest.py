@@ -20,8 +20,9 @@ PROFILE_NS = "https://janus-hooks.org/xmlns/profile/1"
 def domain_xml(name: str = "win11", hostdevs: tuple[str, ...] = (), mode: str | None = "single-gpu",
                memory_mib: int = 4096, hugepages: bool = False, page_kb: int | None = None,
                nodeset: str | None = None, cells: tuple[tuple[int, int, str], ...] = (),
-               managed: str = "yes") -> str:
-    """A libvirt domain definition as virt-manager would write it (``cells``: (id, MiB, host nodeset))."""
+               managed: str = "yes", vcpu: str = "", cputune: str = "", isolate: str | None = None) -> str:
+    """A libvirt domain definition as virt-manager would write it (``cells``: (id, MiB, host nodeset);
+    ``vcpu`` and ``cputune``: those elements as written, ``isolate``: the profile's attribute)."""
     devs = []
     for address in hostdevs:
         dom, bus, rest = address.split(":")
@@ -30,7 +31,8 @@ def domain_xml(name: str = "win11", hostdevs: tuple[str, ...] = (), mode: str | 
             f"<hostdev mode='subsystem' type='pci' managed='{managed}'><source>"
             f"<address domain='0x{dom}' bus='0x{bus}' slot='0x{slot}' function='0x{fn}'/></source></hostdev>"
         )
-    meta = f"<metadata><janus:profile xmlns:janus='{PROFILE_NS}' mode='{mode}'/></metadata>" if mode else ""
+    extra = f" isolate='{isolate}'" if isolate else ""
+    meta = f"<metadata><janus:profile xmlns:janus='{PROFILE_NS}' mode='{mode}'{extra}/></metadata>" if mode else ""
     backing = ""
     if hugepages:
         page = f"<page size='{page_kb}' unit='KiB'/>" if page_kb else ""
@@ -46,7 +48,7 @@ def domain_xml(name: str = "win11", hostdevs: tuple[str, ...] = (), mode: str | 
         numatune = f"<numatune><memory mode='strict' nodeset='{nodeset}'/></numatune>"
     return (
         f"<domain type='kvm'><name>{name}</name><uuid>3f1a6c2e-0000-4000-8000-000000000001</uuid>{meta}"
-        f"<memory unit='KiB'>{memory_mib * 1024}</memory>{backing}{numatune}{cpu}"
+        f"<memory unit='KiB'>{memory_mib * 1024}</memory>{vcpu}{cputune}{backing}{numatune}{cpu}"
         f"<os><type arch='x86_64' machine='q35'>hvm</type></os><devices>{''.join(devs)}</devices></domain>"
     )
 

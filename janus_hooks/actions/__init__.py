@@ -2,6 +2,16 @@
 
 from janus_hooks.actions.base import Action, Context, action_from_json, wait_until
 from janus_hooks.actions.console import DetachFramebuffer, UnbindVtconsole
+from janus_hooks.actions.cpu import (
+    MoveIrqs,
+    RestrictCgroupCpus,
+    RestrictDefaultIrqAffinity,
+    RestrictUnitCpus,
+    RestrictWorkqueues,
+    SetGovernor,
+    SharedCpuStep,
+    StopIrqbalance,
+)
 from janus_hooks.actions.display import EndSession, RunDisplayCommands, StopUnit, WaitReleased
 from janus_hooks.actions.driver import VFIO_DRIVER, BindVfio, LoadModule, UnloadModule
 from janus_hooks.actions.memory import AllocateHugepages
@@ -15,7 +25,15 @@ __all__ = [
     "DetachFramebuffer",
     "EndSession",
     "LoadModule",
+    "MoveIrqs",
+    "RestrictCgroupCpus",
+    "RestrictDefaultIrqAffinity",
+    "RestrictUnitCpus",
+    "RestrictWorkqueues",
     "RunDisplayCommands",
+    "SetGovernor",
+    "SharedCpuStep",
+    "StopIrqbalance",
     "StopUnit",
     "UnbindVtconsole",
     "UnloadModule",

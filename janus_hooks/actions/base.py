@@ -72,6 +72,10 @@ class Action:
     def describe(self) -> str:
         raise NotImplementedError
 
+    def held_cpus(self) -> frozenset[int]:
+        """Host cores this change keeps for its VM while its journal is open (CPU isolation)."""
+        return frozenset()
+
     def capture(self, ctx: Context) -> dict[str, Any]:
         return {}
 

@@ -36,12 +36,12 @@ class RealKernel:
         try:
             fd = os.open(path, os.O_WRONLY)
         except OSError as err:
-            raise KernelError(f"cannot open {path}: {err.strerror}") from err
+            raise KernelError(f"cannot open {path}: {err.strerror}", err.errno) from err
         try:
             # One write call: sysfs takes the whole value in one store() or rejects it.
             os.write(fd, value.encode())
         except OSError as err:
-            raise KernelError(f"writing {value.strip()!r} to {path} failed: {err.strerror}") from err
+            raise KernelError(f"writing {value.strip()!r} to {path} failed: {err.strerror}", err.errno) from err
         finally:
             os.close(fd)
 

@@ -16,6 +16,10 @@ class Services(Protocol):
 
     def terminate_session(self, session_id: str, timeout: float) -> None: ...
 
+    def unit_property(self, unit: str, name: str) -> str: ...
+
+    def set_unit_property(self, unit: str, name: str, value: str, timeout: float) -> None: ...
+
 
 class SystemdServices:
     """systemctl and loginctl through the runner; only used when the host model says systemd runs."""
@@ -34,3 +38,10 @@ class SystemdServices:
 
     def terminate_session(self, session_id: str, timeout: float) -> None:
         check(self._runner.run(["loginctl", "terminate-session", session_id], timeout))
+
+    def unit_property(self, unit: str, name: str) -> str:
+        return check(self._runner.run(["systemctl", "show", "--property", name, "--value", unit], 15.0)).stdout.strip()
+
+    def set_unit_property(self, unit: str, name: str, value: str, timeout: float) -> None:
+        # --runtime: the drop-in lives under /run and is gone after a reboot, like the VM run it serves.
+        check(self._runner.run(["systemctl", "set-property", "--runtime", "--", unit, f"{name}={value}"], timeout))

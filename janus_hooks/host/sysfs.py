@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from janus_hooks import layout
+from janus_hooks.cpuset import parse_cpulist
 from janus_hooks.host.kernel import Kernel, RealKernel
 from janus_hooks.host.model import (
     Framebuffer,
@@ -404,6 +405,89 @@ class Host:
             for address in device.controllers:
                 uses.setdefault(address, []).append(device.use)
         return uses
+
+    # --- CPUs, cgroups, IRQs, workqueues ------------------------------------------------------------------
+    def _cpulist(self, path: Path) -> frozenset[int]:
+        try:
+            return parse_cpulist(_read(path))
+        except ValueError:
+            return frozenset()
+
+    def cpus_online(self) -> frozenset[int]:
+        return self._cpulist(self.path("sys/devices/system/cpu/online"))
+
+    def cpus_present(self) -> frozenset[int]:
+        return self._cpulist(self.path("sys/devices/system/cpu/present"))
+
+    def cpu_siblings(self, cpu: int) -> frozenset[int]:
+        """The SMT threads sharing ``cpu``'s core (``cpu`` included); empty when the kernel does not say."""
+        return self._cpulist(self.path("sys/devices/system/cpu", f"cpu{cpu}", "topology/thread_siblings_list"))
+
+    def cpu_governor_path(self, cpu: int) -> Path:
+        return self.path("sys/devices/system/cpu", f"cpu{cpu}", "cpufreq/scaling_governor")
+
+    def cpu_governor(self, cpu: int) -> str | None:
+        """The cpufreq governor of ``cpu``; None without cpufreq (VMs, some containers)."""
+        return _read(self.cpu_governor_path(cpu)) or None
+
+    def cpu_governors(self, cpu: int) -> tuple[str, ...]:
+        return tuple(_read(self.path("sys/devices/system/cpu", f"cpu{cpu}",
+                                     "cpufreq/scaling_available_governors")).split())
+
+    def cgroup2(self) -> bool:
+        """A cgroup v2 (unified) hierarchy at /sys/fs/cgroup: only its root has cgroup.controllers."""
+        return self.path("sys/fs/cgroup/cgroup.controllers").is_file()
+
+    def cgroup_dir(self, group: str = "") -> Path:
+        return self.path("sys/fs/cgroup", group) if group else self.path("sys/fs/cgroup")
+
+    def cgroup_subtree_controllers(self, group: str = "") -> frozenset[str]:
+        return frozenset(_read(self.cgroup_dir(group) / "cgroup.subtree_control").split())
+
+    def cgroup_children(self, group: str = "") -> list[str]:
+        """The child groups of ``group`` (top-level groups for the root)."""
+        base = self.cgroup_dir(group)
+        try:
+            return sorted(e.name for e in os.scandir(base) if e.is_dir(follow_symlinks=False))
+        except OSError:
+            return []
+
+    def cgroup_cpus_path(self, group: str) -> Path:
+        return self.cgroup_dir(group) / "cpuset.cpus"
+
+    def cgroup_cpus(self, group: str) -> str | None:
+        """``cpuset.cpus`` of a group as written ("" = the parent's); None when the group has no cpuset."""
+        return self.read_value(self.cgroup_cpus_path(group))
+
+    def irqs(self) -> list[int]:
+        try:
+            names = os.listdir(self.path("proc/irq"))
+        except OSError:
+            return []
+        return sorted(int(n) for n in names if n.isdigit())
+
+    def irq_affinity_path(self, irq: int) -> Path:
+        return self.path("proc/irq", str(irq), "smp_affinity_list")
+
+    def irq_affinity(self, irq: int) -> str | None:
+        """``smp_affinity_list`` of one IRQ; None when the IRQ is gone."""
+        return self.read_value(self.irq_affinity_path(irq))
+
+    def default_irq_affinity_path(self) -> Path:
+        return self.path("proc/irq/default_smp_affinity")
+
+    def workqueue_mask_path(self, name: str) -> Path:
+        """``workqueue``: the unbound workqueues' cpumask; ``writeback``: the flusher threads' cpumask."""
+        if name == "writeback":
+            return self.path("sys/bus/workqueue/devices/writeback/cpumask")
+        return self.path("sys/devices/virtual/workqueue/cpumask")
+
+    def read_value(self, path: Path) -> str | None:
+        """One kernel value (a mask file) stripped; None when it cannot be read."""
+        try:
+            return path.read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            return None
 
     # --- boot and command line -----------------------------------------------------------------------------
     def boot_id(self) -> str:

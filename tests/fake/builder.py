@@ -261,6 +261,55 @@ class HostBuilder:
         write(swaps, lines + f"{path}\t\t\t\t{kind}\t\t8388604\t\t0\t\t-2\n")
         return self
 
+    # --- CPUs, cgroups, IRQs ------------------------------------------------------------------------------
+    def cpus(self, count: int = 8, smt: bool = True, offline: tuple[int, ...] = (), governor: str | None = "powersave",
+             cgroup2: bool = True, irqs: dict[int, str] | None = None, refusing: tuple[int, ...] = (0, 2, 124),
+             workqueues: bool = True) -> HostBuilder:
+        """``count`` cores (with ``smt``, cores i and i+count/2 are one physical core's two threads), cpufreq
+        with ``governor`` (None: no cpufreq, as in a VM), a cgroup v2 tree as systemd or an init without it
+        leaves it, IRQs (``refusing``: the kernel answers EIO when they are moved, like the timer and managed
+        queue IRQs) and the workqueue cpumasks."""
+        base = self.root / "sys/devices/system/cpu"
+        everything = f"0-{count - 1}"
+        online = sorted(set(range(count)) - set(offline))
+        write(base / "present", everything + "\n")
+        write(base / "possible", everything + "\n")
+        write(base / "online", ",".join(map(str, online)) + "\n")
+        half = count // 2
+        for cpu in range(count):
+            siblings = sorted({cpu, (cpu + half) % count}) if smt else [cpu]
+            write(base / f"cpu{cpu}/topology/thread_siblings_list", ",".join(map(str, siblings)) + "\n")
+            if governor and cpu in online:
+                write(base / f"cpu{cpu}/cpufreq/scaling_governor", governor + "\n")
+                write(base / f"cpu{cpu}/cpufreq/scaling_available_governors", "performance powersave\n")
+        mask = f"{(1 << count) - 1:x}"
+        if cgroup2:
+            cg = self.root / "sys/fs/cgroup"
+            write(cg / "cgroup.controllers", "cpuset cpu io memory hugetlb pids rdma misc\n")
+            if self.systemd:
+                # systemd enables cpuset for the top-level groups only once a unit sets AllowedCPUs.
+                write(cg / "cgroup.subtree_control", "cpu io memory pids\n")
+                groups = ("init.scope", "system.slice", "user.slice", "machine.slice")
+                for g in groups:
+                    write(cg / g / "cgroup.controllers", "cpu io memory pids\n")
+            else:
+                write(cg / "cgroup.subtree_control", "cpuset cpu io memory pids\n")
+                for g in ("openrc.sshd", "openrc.xdm", "machine"):
+                    write(cg / g / "cgroup.controllers", "cpuset cpu io memory pids\n")
+                    write(cg / g / "cpuset.cpus", "\n")
+        irqs = irqs if irqs is not None else {
+            0: everything, 1: everything, 2: everything, 8: everything, 9: everything, 16: "0-1",
+            120: everything, 121: "2", 122: "3", 123: "6-7", 124: "2",
+        }
+        for irq, affinity in irqs.items():
+            write(self.root / f"proc/irq/{irq}/smp_affinity_list", affinity + "\n")
+        write(self.root / "proc/irq/default_smp_affinity", mask + "\n")
+        self.world["irqs_refusing"] = list(refusing)
+        if workqueues:
+            write(self.root / "sys/devices/virtual/workqueue/cpumask", mask + "\n")
+            write(self.root / "sys/bus/workqueue/devices/writeback/cpumask", mask + "\n")
+        return self
+
     def build(self) -> Path:
         if self.systemd:
             (self.root / "run/systemd/system").mkdir(parents=True, exist_ok=True)

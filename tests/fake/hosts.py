@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tests.fake.builder import HostBuilder
+from tests.fake.world import write
 
 NVIDIA_GPU = "0000:01:00.0"
 NVIDIA_FUNCTIONS = ("0000:01:00.0", "0000:01:00.1", "0000:01:00.2", "0000:01:00.3")
@@ -36,7 +37,24 @@ def nvidia_modules(b: HostBuilder) -> None:
 
 def single_nvidia(root: Path, fb: str | None = "efifb", dm: str = "gdm3.service") -> Path:
     """One NVIDIA card (VGA + HDMI audio + USB-C + UCSI) driving the desktop, Xorg under the DM."""
-    b = _common(HostBuilder(root))
+    return _single_nvidia(HostBuilder(root), fb, dm).build()
+
+
+def pinned_nvidia(root: Path, systemd: bool = True, irqbalance: bool = True, **cpus) -> Path:
+    """``single_nvidia`` with 8 SMT threads (4 cores), cpufreq, cgroup v2, IRQs and workqueue masks, as a
+    gaming desktop that pins its VM looks; ``systemd`` False: an init without systemd (cgroups by hand)."""
+    b = _single_nvidia(HostBuilder(root, systemd=systemd), "efifb", "gdm3.service")
+    b.cpus(**cpus)
+    if irqbalance and systemd:
+        b.unit("irqbalance.service", [{"pid": 700, "comm": "irqbalance", "fds": []}])
+    elif irqbalance:
+        b.process(700, "irqbalance", [])
+        write(root / "run/irqbalance.pid", "700\n")
+    return b.build()
+
+
+def _single_nvidia(b: HostBuilder, fb: str | None, dm: str) -> HostBuilder:
+    _common(b)
     nvidia_modules(b)
     b.pci("0000:01:00.0", "0x10de", "0x2484", "0x030000", "nvidia", 1, boot_vga=True)
     b.pci("0000:01:00.1", "0x10de", "0x228b", "0x040300", "snd_hda_intel", 1)
@@ -53,7 +71,7 @@ def single_nvidia(root: Path, fb: str | None = "efifb", dm: str = "gdm3.service"
     b.unit("nvidia-persistenced.service", [{"pid": 900, "comm": "nvidia-persiste", "fds": ["/dev/nvidiactl"]}])
     # A terminal in the session: no GPU node open, must survive.
     b.process(3000, "bash", ["/dev/pts/0"], cgroup="/user.slice/user-1000.slice/session-2.scope", uid=1000)
-    return b.build()
+    return b
 
 
 def single_vendor(root: Path, vendor: str) -> Path:

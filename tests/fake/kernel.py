@@ -10,7 +10,11 @@ Rules it enforces (the ones janus-hooks depends on, as seen on a real 6.1 kernel
 - platform ``bind``/``unbind`` move the binding;
 - a native driver binding the boot GPU removes the boot framebuffer's platform device when the host was
   built with ``handover`` (kernels >= 6.0);
-- ``nr_hugepages`` grants only what the node's memory allows; compaction frees fragmented pages.
+- ``nr_hugepages`` grants only what the node's memory allows; compaction frees fragmented pages;
+- ``scaling_governor`` takes only an available governor (EINVAL);
+- ``smp_affinity_list`` and ``cpuset.cpus`` take a cpulist of online cores (EINVAL otherwise; an empty
+  ``cpuset.cpus`` means the parent's) and read back normalised; IRQs listed as refusing answer EIO;
+- ``default_smp_affinity`` and workqueue ``cpumask`` take a hex mask with an online core in it.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from janus_hooks.cpuset import format_cpulist, format_cpumask, parse_cpulist, parse_cpumask
 from janus_hooks.errors import KernelError
 from tests.fake.world import STATE, link, load_world, open_file_id, rmtree, unlink, write
 
@@ -97,10 +102,18 @@ class FakeKernel:
             return self._hugepages
         if rel == "proc/sys/vm/compact_memory":
             return self._compact
+        if parts[-1] == "scaling_governor":
+            return self._governor
+        if rel.startswith("proc/irq/") and parts[-1] == "smp_affinity_list":
+            return self._irq_affinity
+        if rel.startswith("sys/fs/cgroup/") and parts[-1] == "cpuset.cpus":
+            return self._cpuset
+        if rel == "proc/irq/default_smp_affinity" or parts[-1] == "cpumask":
+            return self._cpumask
         return None
 
     def _errno(self, rel: str, value: str, code: int) -> KernelError:
-        return KernelError(f"writing {value!r} to {self.root / rel} failed: {os.strerror(code)}")
+        return KernelError(f"writing {value!r} to {self.root / rel} failed: {os.strerror(code)}", code)
 
     # --- PCI ------------------------------------------------------------------------------------------
     def _dev(self, address: str) -> Path:
@@ -308,3 +321,38 @@ class FakeKernel:
 
     def _compact(self, rel: str, value: str) -> None:
         write(self.root / STATE / "compacted", "1\n")
+
+    # --- CPUs -----------------------------------------------------------------------------------------
+    def _online(self) -> frozenset[int]:
+        return parse_cpulist((self.root / "sys/devices/system/cpu/online").read_text())
+
+    def _cpus(self, rel: str, value: str, parse) -> frozenset[int]:
+        if not (self.root / rel).exists():
+            raise self._errno(rel, value, errno.ENOENT)
+        try:
+            cpus = parse(value)
+        except ValueError as err:
+            raise self._errno(rel, value, errno.EINVAL) from err
+        if not cpus <= self._online() or not cpus:
+            raise self._errno(rel, value, errno.EINVAL)
+        return cpus
+
+    def _governor(self, rel: str, value: str) -> None:
+        available = (self.root / rel).with_name("scaling_available_governors").read_text().split()
+        if value not in available:
+            raise self._errno(rel, value, errno.EINVAL)
+        write(self.root / rel, value + "\n")
+
+    def _irq_affinity(self, rel: str, value: str) -> None:
+        cpus = self._cpus(rel, value, parse_cpulist)
+        if int(rel.split("/")[2]) in self._world().get("irqs_refusing", []):
+            raise self._errno(rel, value, errno.EIO)
+        write(self.root / rel, format_cpulist(cpus) + "\n")
+
+    def _cpuset(self, rel: str, value: str) -> None:
+        cpus = self._cpus(rel, value, parse_cpulist) if value else frozenset()
+        write(self.root / rel, format_cpulist(cpus) + "\n")
+
+    def _cpumask(self, rel: str, value: str) -> None:
+        cpus = self._cpus(rel, value, parse_cpumask)
+        write(self.root / rel, format_cpumask(cpus, (self.root / rel).read_text().strip()) + "\n")

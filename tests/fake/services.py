@@ -3,13 +3,18 @@
 A unit's processes (from the world description) exist in ``proc/`` while it is active; stopping it
 removes them, starting it brings them back. A unit marked ``stuck`` refuses to stop, as a hung display
 manager would.
+
+``set-property --runtime X AllowedCPUs=...`` does what systemd 252 does: a drop-in under
+``run/systemd/system.control`` (kept, with an empty assignment, when the value is reset), the cpuset
+controller enabled for the top-level groups while a unit needs it, and the unit's ``cpuset.cpus`` written.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from janus_hooks.cpuset import format_cpulist, parse_cpulist
 from janus_hooks.errors import CommandFailed
 from janus_hooks.host.runner import Result
 from tests.fake.world import (
@@ -29,9 +34,17 @@ UNIT_STATE = "run/fake-systemd"
 
 
 class FakeServices:
-    def __init__(self, root: Path) -> None:
+    """``fault(call, target)``, when given, makes a call fail as systemctl would (a failing unit, a timeout)."""
+
+    def __init__(self, root: Path, fault: Callable[[str, str], bool] | None = None) -> None:
         self.root = Path(root)
         self.calls: list[tuple[str, str]] = []
+        self._fault = fault
+
+    def _call(self, call: str, target: str) -> None:
+        self.calls.append((call, target))
+        if self._fault and self._fault(call, target):
+            raise CommandFailed(f"injected fault: systemctl {call} {target}")
 
     def _state(self, unit: str) -> Path:
         return self.root / UNIT_STATE / unit
@@ -41,7 +54,7 @@ class FakeServices:
         return path.exists() and path.read_text().strip() == "active"
 
     def stop(self, unit: str, timeout: float) -> None:
-        self.calls.append(("stop", unit))
+        self._call("stop", unit)
         spec = load_world(self.root).get("units", {}).get(unit)
         if spec is None:
             raise CommandFailed(f"systemctl stop {unit} failed: Unit {unit} not loaded.")
@@ -54,7 +67,7 @@ class FakeServices:
             self._end_session(sid)
 
     def start(self, unit: str, timeout: float) -> None:
-        self.calls.append(("start", unit))
+        self._call("start", unit)
         spec = load_world(self.root).get("units", {}).get(unit)
         if spec is None:
             raise CommandFailed(f"systemctl start {unit} failed: Unit {unit} not found.")
@@ -91,6 +104,48 @@ class FakeServices:
                 open_fd(self.root, pid, node, session_device_file(sid, node))
         for proc in world.get("session_processes", {}).get(sid, []):
             spawn_process(self.root, proc)
+
+
+    # --- unit properties (AllowedCPUs) --------------------------------------------------------------------
+    def _dropin(self, unit: str, name: str) -> Path:
+        return self.root / "run/systemd/system.control" / f"{unit}.d" / f"50-{name}.conf"
+
+    def unit_property(self, unit: str, name: str) -> str:
+        path = self._dropin(unit, name)
+        if not path.exists():
+            return ""
+        return path.read_text().split(f"{name}=", 1)[1].strip()
+
+    def set_unit_property(self, unit: str, name: str, value: str, timeout: float) -> None:
+        self._call("set-property", f"{unit} {name}={value}")
+        if name != "AllowedCPUs":
+            raise CommandFailed(f"systemctl set-property {unit} {name}= failed: Unknown assignment")
+        cgroup = self.root / "sys/fs/cgroup"
+        online = parse_cpulist((self.root / "sys/devices/system/cpu/online").read_text())
+        try:
+            cpus = parse_cpulist(value)
+        except ValueError as err:
+            raise CommandFailed(f"systemctl set-property {unit} failed: Failed to parse {value!r}") from err
+        if not cpus <= online:
+            raise CommandFailed(f"systemctl set-property {unit} failed: Invalid argument")
+        kind = unit.rsplit(".", 1)[1].capitalize()
+        write(self._dropin(unit, name), f"# This is a drop-in unit file extension, created via \"systemctl "
+                                        f"set-property\" or an equivalent operation. Do not edit.\n[{kind}]\n"
+                                        f"{name}={value}\n")
+        controllers = (cgroup / "cgroup.subtree_control").read_text().split()
+        groups = [g.name for g in sorted(cgroup.iterdir()) if g.is_dir()]
+        needed = any(self.unit_property(g, name) for g in groups)
+        if needed and "cpuset" not in controllers:
+            controllers.append("cpuset")
+            for g in groups:
+                write(cgroup / g / "cpuset.cpus", "\n")
+        write(cgroup / unit / "cpuset.cpus", format_cpulist(cpus) + "\n")
+        if not needed and "cpuset" in controllers:
+            # No unit asks for a cpuset any more: systemd realises the tree without the controller.
+            controllers.remove("cpuset")
+            for g in groups:
+                unlink(cgroup / g / "cpuset.cpus")
+        write(cgroup / "cgroup.subtree_control", " ".join(controllers) + "\n")
 
 
 class FakeRunner:
