@@ -64,9 +64,18 @@ class Engine:
             plan.raise_if_refused()
             return plan, self._apply(plan)
 
-    def release(self, vm: str) -> RunReport:
-        """Revert everything the journal of ``vm`` records, newest first. No journal: nothing to do."""
-        with self.store.lock(self.ctx.config.timeouts.lock, self.ctx.clock, self.ctx.sleep):
+    def release(self, vm: str, lock_timeout: float | None = None, begun: float | None = None) -> RunReport:
+        """Revert everything the journal of ``vm`` records, newest first. No journal: nothing to do.
+
+        ``lock_timeout`` overrides the config's wait for the host-wide lock (0: try once, LockBusy if held).
+        ``begun``: only the journal begun at that time; one a newer start wrote meanwhile is left alone.
+        """
+        timeout = self.ctx.config.timeouts.lock if lock_timeout is None else lock_timeout
+        with self.store.lock(timeout, self.ctx.clock, self.ctx.sleep):
+            if begun is not None:
+                state = self.store.read(vm)
+                if state is None or state.started != begun:
+                    return RunReport(vm)
             return self._replay(vm)
 
     def _apply(self, plan: Plan) -> RunReport:

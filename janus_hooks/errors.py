@@ -35,3 +35,7 @@ class CommandFailed(StepFailed):
 
 class JournalError(JanusError):
     """A journal that cannot be read, written or locked."""
+
+
+class LockBusy(JournalError):
+    """Another transition (a hook, a rollback) holds the host-wide lock."""

@@ -78,15 +78,35 @@ def _managed(vm: str, phase: tuple[str, str], xml: str, root: str, stderr, open_
             # make libvirt kill the VM, so this phase only records what it found.
             janus_log(f"VM {vm}: libvirt reconnected; journal {'open' if janus.switched(vm) else 'absent'}")
     except JanusError as err:
-        print(f"janus-hooks: VM {vm!r}: {err}", file=stderr)
+        line = f"janus-hooks: VM {vm!r}: {err}"
+        print(line, file=stderr)
+        _remember_failure(root, vm, phase, line)
         return 0 if phase == RECONNECT else 1
     except Exception as err:  # noqa: BLE001 - one line for libvirt, the traceback for the log
         import logging
 
         logging.getLogger("janus_hooks.hook").exception("VM %s: %s failed", vm, " ".join(phase))
-        print(f"janus-hooks: VM {vm!r}: internal error: {err!r}", file=stderr)
+        line = f"janus-hooks: VM {vm!r}: internal error: {err!r}"
+        print(line, file=stderr)
+        _remember_failure(root, vm, phase, line)
         return 0 if phase == RECONNECT else 1
     return 0
+
+
+def _remember_failure(root: str, vm: str, phase: tuple[str, str], line: str) -> None:
+    """A refused or failed start, kept for ``status`` and the agent: in single-GPU mode nobody saw libvirt's error."""
+    if phase != PREPARE:
+        return
+    import logging
+
+    from janus_hooks.errors import JanusError
+    from janus_hooks.failures import FailureStore
+    from janus_hooks.host import Host
+
+    try:
+        FailureStore(Host(root).state_dir()).record(vm, line)
+    except (OSError, JanusError) as err:  # the start is refused either way; the record is a courtesy
+        logging.getLogger("janus_hooks.hook").warning("VM %s: could not record the failed start: %s", vm, err)
 
 
 def janus_log(message: str) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from janus_hooks.actions import Action, action_from_json
-from janus_hooks.errors import JournalError
+from janus_hooks.errors import JournalError, LockBusy
 from janus_hooks.files import check_trusted, ensure_private_dir, fsync_dir
 from janus_hooks.layout import vm_filename, vm_from_filename
 
@@ -98,7 +98,7 @@ class JournalStore:
                     if err.errno not in (errno.EAGAIN, errno.EACCES):
                         raise JournalError(f"cannot lock {path}: {err.strerror}") from err
                     if clock() >= deadline:
-                        raise JournalError(
+                        raise LockBusy(
                             f"another janus-hooks transition holds {path} for more than {timeout:g} s"
                         ) from err
                     sleep(0.02)

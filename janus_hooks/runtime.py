@@ -32,19 +32,21 @@ class Janus:
 
     @classmethod
     def open(cls, host: Host, services: Services | None = None, runner: Runner | None = None,
-             observer: Observer = no_observer, restoring: bool = False) -> Janus:
+             observer: Observer = no_observer, restoring: bool = False, config: Config | None = None) -> Janus:
         """Load the host's config (refusing unsafe files) and wire the real collaborators by default.
 
         ``restoring``: a config that cannot be used must not keep the desktop from coming back; the
         defaults are enough to replay a journal (what to run is in the journal itself).
+        ``config``: use this one instead of reading it (the agent keeps its last good config in force).
         """
-        try:
-            config = load_config(host.config_dir())
-        except JanusError as err:
-            if not restoring:
-                raise
-            log.warning("%s; replaying with default settings", err)
-            config = Config()
+        if config is None:
+            try:
+                config = load_config(host.config_dir())
+            except JanusError as err:
+                if not restoring:
+                    raise
+                log.warning("%s; replaying with default settings", err)
+                config = Config()
         runner = runner or SubprocessRunner()
         services = services or SystemdServices(runner)
         ctx = Context(host=host, config=config, services=services, runner=runner)
@@ -91,8 +93,8 @@ class Janus:
             return self.plan(spec), None
         return self.engine().prepare(spec.name, lambda: self.plan(spec))
 
-    def release(self, vm: str) -> RunReport:
-        return self.engine().release(vm)
+    def release(self, vm: str, lock_timeout: float | None = None, begun: float | None = None) -> RunReport:
+        return self.engine().release(vm, lock_timeout, begun)
 
     def switched(self, vm: str) -> bool:
         return self.store.exists(vm)

@@ -14,7 +14,9 @@ from janus_hooks.cli.common import Env, Failure, connect_option, readable_store,
 from janus_hooks.config import load_profile
 from janus_hooks.domain import PROFILE_NS, parse_domain
 from janus_hooks.errors import JanusError
+from janus_hooks.failures import FailureStore
 from janus_hooks.host import Host
+from janus_hooks.journal import JournalState
 from janus_hooks.layout import vm_from_filename
 
 
@@ -76,12 +78,28 @@ def status(env: Env, root: Path, uri: str) -> None:
     store = readable_store(host)
     states = {name: s for name in store.vms() if (s := store.read(name)) is not None}
     noted = store.noted_vms()
-    click.echo("Managed VMs:" if profiles or states or noted
-               else "Managed VMs: none (mark one with 'janus-hooks profile')")
-    for vm in sorted(set(profiles) | set(states) | set(noted)):
+    failures = FailureStore(host.state_dir()).all()
+    known = set(profiles) | set(states) | set(noted) | set(failures)
+    click.echo("Managed VMs:" if known else "Managed VMs: none (mark one with 'janus-hooks profile')")
+    for vm in sorted(known):
         state = states.get(vm)
         holds = (f"holds {', '.join(state.devices) or 'no PCI device'} since {when(state.started)}, "
                  f"{len(state.open_steps)} change(s) open" if state else "idle")
         click.echo(f"  {vm:<20} {profiles.get(vm, 'no profile any more'):<32} {holds}")
         for note in store.notes(vm):
             click.echo(f"    warning (last release): {note}")
+        if state is not None:
+            for line in _strays(host, state):
+                click.echo(f"    WARNING: {line}")
+        if vm in failures:
+            click.echo(f"    last failed start: {when(failures[vm].time)}: {failures[vm].reason}")
+
+
+def _strays(host: Host, state: JournalState) -> list[str]:
+    """Devices a running VM holds that a host driver took (the agent logs it as it happens)."""
+    pid = host.vm_process(state.vm)
+    if pid is None:
+        return []
+    return [f"{address} is bound to host driver {driver} while VM {state.vm} runs (QEMU pid {pid})"
+            for address in state.devices
+            if (driver := host.pci_driver(address)) is not None and driver != "vfio-pci"]

@@ -101,6 +101,7 @@ class Session:
     uid: int
     type: str  # x11, wayland, tty, unspecified
     active: bool
+    seat: str = ""  # seat0 for the local display; empty for remote and background sessions
 
     @property
     def graphical(self) -> bool:

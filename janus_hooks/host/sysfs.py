@@ -323,7 +323,7 @@ class Host:
         )
 
     def sessions(self) -> list[Session]:
-        base = self.path("run/systemd/sessions")
+        base = self.sessions_dir()
         try:
             names = sorted(n for n in os.listdir(base) if "." not in n)
         except OSError:
@@ -334,7 +334,8 @@ class Host:
                 line.split("=", 1) for line in _read(base / name).splitlines() if "=" in line
             )
             sessions.append(
-                Session(name, _int(fields.get("UID", "-1"), -1), fields.get("TYPE", ""), fields.get("ACTIVE") == "1")
+                Session(name, _int(fields.get("UID", "-1"), -1), fields.get("TYPE", ""), fields.get("ACTIVE") == "1",
+                        fields.get("SEAT", ""))
             )
         return sessions
 
@@ -516,6 +517,10 @@ class Host:
         return self.path("etc/libvirt/hooks")
 
     # --- what `janus-hooks install`, `check` and `status` look at ----------------------------------------
+    def sessions_dir(self) -> Path:
+        """logind's session state files: they change when a session starts, ends or becomes active."""
+        return self.path("run/systemd/sessions")
+
     def udev_rules_dir(self) -> Path:
         return self.path("etc/udev/rules.d")
 

@@ -77,10 +77,10 @@ def test_install_into_an_empty_root_sets_modes_and_a_truthful_manifest(tmp_path)
 
             assert hashlib.sha256(path.read_bytes()).hexdigest() == entry["sha256"]
             assert _mode(path) == int(entry["mode"], 8)
-    # The recovery unit is enabled the way systemctl would; the agent (not implemented) is not.
-    assert os.readlink(root / "etc/systemd/system/multi-user.target.wants/janus-hooks-recover.service") == \
-        "/etc/systemd/system/janus-hooks-recover.service"
-    assert not (root / "etc/systemd/system/multi-user.target.wants/janus-hooks-agent.service").exists()
+    # The recovery unit and the agent are enabled the way systemctl would.
+    for unit in ("janus-hooks-recover.service", "janus-hooks-agent.service"):
+        assert os.readlink(root / "etc/systemd/system/multi-user.target.wants" / unit) == \
+            f"/etc/systemd/system/{unit}"
     assert f"--root {root}" in (root / "etc/systemd/system/janus-hooks-recover.service").read_text()
 
     assert c("uninstall").exit_code == 0
@@ -288,9 +288,12 @@ def test_the_installed_hook_runs_this_copy_against_the_given_root(make_cli):
     refused = _run_shim(c.root, "win11", "prepare", "begin", domain_xml(hostdevs=desktops.NVIDIA_CARD))
     assert refused.returncode == 1
     assert f"also holds {desktops.USB_CONTROLLER}" in refused.stderr
-    # Only janus-hooks' own log and the host-wide lock file it planned under may have appeared.
-    assert all(p.startswith("var/log/janus-hooks") or p == "var/lib/janus-hooks/lock"
+    # Only janus-hooks' own log, the host-wide lock file it planned under and the record of the refused
+    # start (for status and the agent) may have appeared.
+    assert all(p.startswith(("var/log/janus-hooks", "var/lib/janus-hooks/failures")) or p == "var/lib/janus-hooks/lock"
                for p in tree_diff(before, tree_state(c.root)))
+    record = json.loads((c.root / "var/lib/janus-hooks/failures/win11.json").read_text())
+    assert record["vm"] == "win11" and record["reason"] == refused.stderr.strip() and not record["notified"]
 
 
 def test_on_the_running_system_install_tells_libvirt_udev_and_systemd(make_cli):

@@ -11,7 +11,7 @@ from janus_hooks.domain import parse_domain
 from tests.cli.conftest import FakeConn, tree_state
 from tests.conftest import domain_xml
 from tests.fake import desktops
-from tests.fake.world import spawn_process
+from tests.fake.world import spawn_process, write
 
 XML = domain_xml(hostdevs=desktops.NVIDIA_CARD, hugepages=True)
 CRASH_STEP = 8  # the 9th change, unload module nvidia_uvm: the desktop is gone, the GPU on no driver yet
@@ -164,7 +164,7 @@ def test_status_shows_install_agent_and_what_each_vm_holds(make_cli):
     result = c("status")
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert lines[1] == "  installed: 7 file(s), all in place"  # the config was there before
+    assert lines[1] == "  installed: 8 file(s), all in place"  # the config was there before
     assert any(line.startswith("  hook: ") and "installed and current" in line for line in lines)
     assert any(line.startswith("  agent: not running") for line in lines)
     games = next(line for line in lines if line.startswith("  games"))
@@ -173,6 +173,25 @@ def test_status_shows_install_agent_and_what_each_vm_holds(make_cli):
     assert "single-gpu (libvirt metadata)" in win11
     assert "holds 0000:01:00.0, 0000:01:00.1 since " in win11 and f"{CRASH_STEP + 1} change(s) open" in win11
     assert not any(line.startswith("  plain") for line in lines)
+
+
+def test_status_shows_the_last_failed_start_and_a_host_driver_under_a_running_vm(make_cli):
+    c = make_cli(desktops.nvidia_desktop)
+    refused = domain_xml("refused", hostdevs=("0000:09:00.0",))  # no such device: the planner refuses
+    code, err = c.fake.hook("refused", "prepare", "begin", refused)
+    assert code == 1
+    assert c.fake.hook("win11", "prepare", "begin", XML)[0] == 0
+    write(c.root / "proc/4242/cmdline", "qemu-system-x86_64\0-name\0guest=win11,debug-threads=on\0")
+    # A host driver takes the audio function back while the VM runs (a udev rule, a person's modprobe).
+    audio = c.root / "sys/bus/pci/devices" / desktops.NVIDIA_AUDIO / "driver"
+    audio.unlink()
+    audio.symlink_to("../../../../bus/pci/drivers/snd_hda_intel")
+    lines = c("status").output.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("  refused "))
+    assert lines[at + 1].startswith("    last failed start: ") and lines[at + 1].endswith(f": {err}")
+    at = next(i for i, line in enumerate(lines) if line.startswith("  win11 "))
+    assert lines[at + 1] == (f"    WARNING: {desktops.NVIDIA_AUDIO} is bound to host driver snd_hda_intel while VM "
+                             "win11 runs (QEMU pid 4242)")
 
 
 def test_status_without_libvirt_still_lists_what_it_knows(make_cli):
@@ -184,12 +203,12 @@ def test_status_without_libvirt_still_lists_what_it_knows(make_cli):
     assert "Managed VMs: none" in result.output
 
 
-def test_agent_is_a_clear_placeholder(make_cli):
-    c = make_cli(desktops.nvidia_desktop)
+def test_agent_needs_root(make_cli):
+    c = make_cli(desktops.nvidia_desktop, euid=1000)
     result = c("agent")
     assert result.exit_code == 1
-    assert result.stderr.strip() == ("janus-hooks: the agent is not implemented yet; nothing was started "
-                                     "(the hook works without it)")
+    assert result.stderr.strip() == ("janus-hooks: 'janus-hooks agent' changes the host and must run as root: "
+                                     "try 'sudo janus-hooks agent'")
 
 
 @pytest.mark.parametrize("command", sorted(cli.commands))
