@@ -249,7 +249,11 @@ def agent_check(host: Host, probe: Probe) -> Check:
                 return Check("agent", OK, f"{AGENT_UNIT} is running")
         except JanusError:
             pass
-    return Check("agent", WARN, "not running (the event agent is not implemented yet; the hook works without it)")
+    if not installed:
+        return Check("agent", WARN, f"not running: {AGENT_UNIT} is not installed (the hook works without it; "
+                                    "the agent heals what libvirt cannot report)")
+    return Check("agent", WARN, f"not running: start it with 'systemctl enable --now {AGENT_UNIT}' (the hook "
+                                "works without it; the agent heals what libvirt cannot report)")
 
 
 def host_checks(host: Host, probe: Probe, config_error: str | None) -> list[Check]:

@@ -36,8 +36,8 @@ HOOK_NAME = "janus-hooks"
 MANIFEST_NAME = "install-manifest.json"
 BACKUP_DIR = "backup"
 MANIFEST_FORMAT = 1
-# Units whose [Install] links install creates; the agent is installed but not enabled until it exists.
-ENABLED_UNITS = ("janus-hooks-recover.service", "janus-hooks-sleep-guard.service")
+# Units whose [Install] links install creates.
+ENABLED_UNITS = ("janus-hooks-recover.service", "janus-hooks-sleep-guard.service", "janus-hooks-agent.service")
 # libvirt daemons that run qemu hooks; both rescan hooks on SIGHUP.
 LIBVIRT_DAEMONS = ("libvirtd", "virtqemud")
 # Linux reads at most this many bytes of a "#!" line (BINPRM_BUF_SIZE since 5.1; 127 before).
@@ -98,12 +98,13 @@ def _systemd_quote(value: str) -> str:
     return f'"{value}"' if re.search(r"[\s\"'\\]", value) else value
 
 
-def render_unit(template: str, ident: Identity, state_dir: str) -> str:
+def render_unit(template: str, ident: Identity, state_dir: str, log_dir: str = "") -> str:
     """A unit with the command of this install (this environment's python -m janus_hooks) and the root."""
     command = f"{_systemd_quote(ident.python)} -m janus_hooks"
     return (template.replace("@JANUS_HOOKS@", command)
             .replace("@ROOT@", _systemd_quote(ident.root))
-            .replace("@STATE_DIR@", state_dir.replace("%", "%%")))
+            .replace("@STATE_DIR@", state_dir.replace("%", "%%"))
+            .replace("@LOG_DIR@", log_dir.replace("%", "%%")))
 
 
 def _install_targets(unit_text: str) -> list[str]:
@@ -145,11 +146,12 @@ def desired_items(host: Host, ident: Identity) -> list[Item]:
     """Everything install writes, in the order it writes it (the hook last: the rest must be there first)."""
     items: list[Item] = []
     state_abs = str(Path(ident.root) / _rel(host, host.state_dir()))
+    log_abs = str(Path(ident.root) / _rel(host, host.log_dir()))
     for rules in data_files("udev", ".rules"):
         items.append(Item(_rel(host, host.udev_rules_dir() / rules.name), "udev", rules.read_bytes()))
     units_rel = _rel(host, host.systemd_unit_dir())
     for unit in data_files("systemd", ".service"):
-        text = render_unit(unit.read_text(), ident, state_abs)
+        text = render_unit(unit.read_text(), ident, state_abs, log_abs)
         items.append(Item(f"{units_rel}/{unit.name}", "unit", text.encode()))
         if unit.name in ENABLED_UNITS:
             for wants in _install_targets(text):
