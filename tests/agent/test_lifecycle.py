@@ -88,9 +88,10 @@ def test_qemu_death_while_libvirt_is_away_rolls_back_at_once(fake, run_agent, ca
     agent = run_agent(h, libvirt=False, release_grace=30)
     _wait(lambda: "vmq" in agent.agent.qemu.watching(), 10, "the agent to follow the QEMU of vmq")
     assert h.journal_vms() == ["vmq"]
+    # The fake /proc entry goes first, as a dead QEMU's real cmdline reads empty at once.
+    (h.root / "proc" / str(qemu.pid) / "cmdline").unlink()
     qemu.kill()
     qemu.wait(10)
-    (h.root / "proc" / str(qemu.pid) / "cmdline").unlink()
     _wait(lambda: not h.journal_vms(), 10, "the rollback after QEMU died")
     agent.idle()
     assert f"VM vmq: QEMU pid {qemu.pid} exited (journal open)" in caplog.text
@@ -117,5 +118,6 @@ def test_without_libvirt_and_without_qemu_the_journal_is_rolled_back_at_start(fa
     h, _ = _switched(fake, "gone")
     agent = run_agent(h, libvirt=False)
     _wait(lambda: not h.journal_vms(), 10, "the rollback at start")
+    agent.idle()
     assert agent.agent.rollbacks == ["gone"]
     assert os.path.isdir(h.root / "var/lib/janus-hooks/journal")
