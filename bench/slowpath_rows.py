@@ -58,6 +58,7 @@ SEAM_METHODS = {
     "runner": ("run",),
 }
 SEP = "\x1f"
+TRACED_RUNS = 3  # prepares under -X importtime; each module's least time is kept
 
 
 def render_launcher(dest: Path, root: Path) -> Path:
@@ -181,28 +182,45 @@ def run_hook(launcher: Path, server: SeamServer, phase: tuple[str, str], xml: by
             "stderr": stderr}
 
 
-def import_tree(stderr: str) -> list[tuple[int, str, float, float, list]]:
-    """``-X importtime`` lines as a forest: (depth, module, self ms, cumulative ms, children), in order."""
-    pending: dict[int, list] = {}
-    roots = []
+def import_lines(stderr: str) -> list[tuple[int, str, float, float]]:
+    """``-X importtime`` lines in order: (depth, module, self ms, cumulative ms)."""
+    lines = []
     for line in stderr.splitlines():
         if not line.startswith("import time:") or "|" not in line:
             continue
         parts = line[len("import time:"):].split("|")
         if not parts[0].strip().isdigit():
             continue  # the header line
-        self_us, cum_us, raw = int(parts[0]), int(parts[1]), parts[2]
+        raw = parts[2]
         depth = (len(raw) - len(raw.lstrip(" ")) - 1) // 2
-        node = (depth, raw.strip(), self_us / 1000, cum_us / 1000, pending.pop(depth + 1, []))
+        lines.append((depth, raw.strip(), int(parts[0]) / 1000, int(parts[1]) / 1000))
+    return lines
+
+
+def least_of(runs: list[str]) -> list[tuple[int, str, float, float]]:
+    """Several traces of the same run, each module's least times: the run is deterministic, the load is not."""
+    traces = [import_lines(stderr) for stderr in runs]
+    if any([line[:2] for line in t] != [line[:2] for line in traces[0]] for t in traces):
+        return traces[0]  # the import order differed: keep one trace rather than mix them
+    return [(d, name, min(t[i][2] for t in traces), min(t[i][3] for t in traces))
+            for i, (d, name, _, _) in enumerate(traces[0])]
+
+
+def import_tree(lines: list[tuple[int, str, float, float]]) -> list[tuple[int, str, float, float, list]]:
+    """The lines as a forest: (depth, module, self ms, cumulative ms, children), in order."""
+    pending: dict[int, list] = {}
+    roots = []
+    for depth, name, self_ms, cum_ms in lines:
+        node = (depth, name, self_ms, cum_ms, pending.pop(depth + 1, []))
         (roots if depth == 0 else pending.setdefault(depth, [])).append(node)
     return roots
 
 
-def summarize_imports(hook_stderr: str, floor_stderr: str) -> dict[str, Any]:
+def summarize_imports(hook_traces: list[str], floor_trace: str) -> dict[str, Any]:
     """What the hook imports beyond the interpreter's floor: by top-level importer, janus' own module bodies,
     and the standard-library modules janus imports directly (≥ 1 ms)."""
-    floor = {node[1] for node in import_tree(floor_stderr)}
-    tops = [n for n in import_tree(hook_stderr) if n[1] not in floor]
+    floor = {line[1] for line in import_lines(floor_trace)}
+    tops = [n for n in import_tree(least_of(hook_traces)) if n[1] not in floor]
     janus_self, direct = 0.0, {}
 
     def walk(node: tuple, parent: str) -> None:
@@ -229,7 +247,8 @@ def summarize_imports(hook_stderr: str, floor_stderr: str) -> dict[str, Any]:
 def _imports_note(info: dict[str, Any]) -> str:
     tops = ", ".join(f"{name} {ms:.1f}" for name, ms in info["top_level"] if ms >= 0.5)
     stdlib = ", ".join(f"{name} {ms:.1f} (from {parent})" for name, ms, parent in info["stdlib_by_janus"])
-    return (f"imports beyond the floor's, one prepare under -X importtime (inflated by the tracing): "
+    return (f"imports beyond the floor's, least of {TRACED_RUNS} prepares under -X importtime (inflated by the "
+            f"tracing): "
             f"{info['total_ms']:.1f} ms; top-level: {tops}; of which janus' own module bodies "
             f"{info['janus_module_bodies_ms']:.1f} ms; stdlib modules janus imports first (>= 1 ms): "
             f"{stdlib or 'none'}")
@@ -325,11 +344,13 @@ def measure(scratch: Path, runs: int, warmup: int) -> list[Row]:
     if snapshot_tree(root) != before:
         raise BenchError("the fake host tree differs from before after prepare+release: release is incomplete")
 
-    traced = hook(("prepare", "begin"), (VENV_PYTHON, "-I", "-S", "-X", "importtime"))
-    hook(("release", "end"))
+    traces = []
+    for _ in range(TRACED_RUNS):
+        traces.append(hook(("prepare", "begin"), (VENV_PYTHON, "-I", "-S", "-X", "importtime"))["stderr"])
+        hook(("release", "end"))
     floor_trace = subprocess.run([*FLOOR_ARGV[:3], "-X", "importtime", "-c", "pass"], capture_output=True,  # noqa: S603
                                  text=True, env=HOOK_ENV, timeout=SPAWN_TIMEOUT, check=False).stderr
-    imports = summarize_imports(traced["stderr"], floor_trace)
+    imports = summarize_imports(traces, floor_trace)
 
     floor_label = "python3 -I -S -c pass"
     rows = []
