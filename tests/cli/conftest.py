@@ -115,7 +115,7 @@ class Cli:
 
     def __call__(self, *args: str, input: str | None = None) -> Result:
         argv = [*args]
-        if "--root" not in argv and args and args[0] not in ("--help", "--version"):
+        if "--root" not in argv and args and not {"--help", "--version"} & set(args):
             argv += ["--root", str(self.root)]
         return CliRunner().invoke(cli, argv, obj=self.env(), input=input, catch_exceptions=False)
 

@@ -1,0 +1,114 @@
+"""Fake hosts for ``vm create``: the GPUs of tests/fake plus what a VM needs from a host (CPUs, firmware
+descriptors, swtpm, block devices with their mounts, swap and holders), and installation media."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from janus_hooks.host import Host
+from tests.fake.hosts import amd_dgpu_with_igpu, single_nvidia
+from tests.fake.world import link, write
+
+ROOT_DISK, FREE_DISK, LVM_DISK, RAID_DISK, SWAP_DISK = "sda", "sdb", "sdc", "sdd", "sde"
+
+
+def _firmware(root: Path, secure: bool = True) -> None:
+    def descriptor(name: str, features: list[str]) -> None:
+        write(root / "usr/share/qemu/firmware" / name, json.dumps({
+            "interface-types": ["uefi"], "mapping": {"device": "flash"},
+            "targets": [{"architecture": "x86_64", "machines": ["pc-q35-*"]}], "features": features}))
+
+    if secure:
+        descriptor("40-edk2-x86_64-secure-enrolled.json", ["enrolled-keys", "requires-smm", "secure-boot"])
+    descriptor("60-edk2-x86_64.json", ["acpi-s3"])
+
+
+def _block(root: Path, name: str, dev: str, parent: str | None = None, holders: tuple[str, ...] = ()) -> None:
+    base = root / "sys/class/block" / name if parent is None else root / "sys/class/block" / parent / name
+    write(base / "dev", dev + "\n")
+    write(base / "size", "134217728\n")
+    if parent is not None:
+        write(base / "partition", "1\n")
+        link(root / "sys/class/block" / name, f"{parent}/{name}")
+    (base / "holders").mkdir(parents=True, exist_ok=True)
+    for holder in holders:
+        link(base / "holders" / holder, f"../../{holder}")
+    write(root / "dev" / name, "")
+
+
+def vm_facts(root: Path, secure: bool = True, swtpm: bool = True) -> Path:
+    """CPUs 0-7, 32 GB RAM (the builder's meminfo), OVMF descriptors, swtpm and five disks:
+    sda (sda1 on /, sda2 swap), sdb free, sdc1 under LVM dm-0 on /home, sdd under RAID md0, sde swap."""
+    write(root / "sys/devices/system/cpu/online", "0-7\n")
+    _firmware(root, secure)
+    if swtpm:
+        write(root / "usr/bin/swtpm", "#!/bin/sh\n")
+        (root / "usr/bin/swtpm").chmod(0o755)
+    _block(root, ROOT_DISK, "8:0")
+    _block(root, "sda1", "8:1", parent=ROOT_DISK)
+    _block(root, "sda2", "8:2", parent=ROOT_DISK)
+    _block(root, FREE_DISK, "8:16")
+    _block(root, "sdb1", "8:17", parent=FREE_DISK)
+    _block(root, LVM_DISK, "8:32")
+    _block(root, "sdc1", "8:33", parent=LVM_DISK, holders=("dm-0",))
+    _block(root, "dm-0", "254:0")
+    write(root / "sys/class/block/dm-0/dm/uuid", "LVM-abcdef\n")
+    link(root / "dev/mapper/vg-home", "../dm-0")
+    _block(root, RAID_DISK, "8:48", holders=("md0",))
+    _block(root, "md0", "9:0")
+    _block(root, SWAP_DISK, "8:64")
+    write(root / "proc/self/mountinfo",
+          "27 1 8:1 / / rw,relatime - ext4 /dev/sda1 rw\n"
+          "28 27 0:22 / /sys rw - sysfs sysfs rw\n"
+          "29 27 254:0 / /home rw,relatime - ext4 /dev/mapper/vg-home rw\n")
+    write(root / "proc/swaps", "Filename\tType\tSize\tUsed\tPriority\n"
+                               "/dev/sda2 partition 1000 0 -2\n/dev/sde partition 1000 0 -3\n")
+    return root
+
+
+def with_mdev(root: Path, gpu: str, available: int = 2) -> None:
+    write(root / "sys/bus/pci/devices" / gpu / "mdev_supported_types/i915-GVTg_V5_4/available_instances",
+          f"{available}\n")
+
+
+def with_vfs(root: Path, gpu: str) -> None:
+    base = root / "sys/bus/pci/devices" / gpu
+    write(base / "sriov_totalvfs", "7\n")
+    write(base / "sriov_offset", "1\n")
+
+
+@dataclass
+class VmHost:
+    root: Path
+    iso: str
+    virtio_iso: str
+
+    @property
+    def host(self) -> Host:
+        return Host(self.root)
+
+
+def _media(tmp_path: Path) -> tuple[str, str]:
+    media = tmp_path / "media"
+    media.mkdir()
+    (media / "Win11_24H2.iso").write_bytes(b"\0" * 4096)
+    (media / "virtio-win.iso").write_bytes(b"\0" * 4096)
+    return str(media / "Win11_24H2.iso"), str(media / "virtio-win.iso")
+
+
+@pytest.fixture
+def two_gpus(tmp_path: Path) -> VmHost:
+    """An AMD dGPU 0000:03:00.0 (+ audio .1) for the VM, an iGPU 0000:0c:00.0 for the desktop."""
+    root = vm_facts(amd_dgpu_with_igpu(tmp_path / "two/host"))
+    return VmHost(root, *_media(tmp_path / "two"))
+
+
+@pytest.fixture
+def one_gpu(tmp_path: Path) -> VmHost:
+    """One NVIDIA card 0000:01:00.0-.3 driving the desktop."""
+    root = vm_facts(single_nvidia(tmp_path / "one/host"))
+    return VmHost(root, *_media(tmp_path / "one"))

@@ -1,0 +1,189 @@
+"""``janus-hooks vm`` end to end against libvirt's own test driver (``test:///default``: real libvirt code,
+in process, no daemon; the libvirt suite does the same through the real libvirtd), on fake host trees."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import libvirt
+import pytest
+from click.testing import CliRunner
+
+from janus_hooks.cli import Env, cli
+from janus_hooks.domain import parse_domain
+
+TEST_URI = "test:///default"
+POOL = "default-pool"  # the test driver's own pool
+
+
+@pytest.fixture
+def conn():
+    """One connection held open for the test: the test driver keeps its state while one is open."""
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    c = libvirt.open(TEST_URI)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def run(root: Path, *args: str, interactive: bool = False, input: str | None = None):
+    env = Env(connect=lambda uri, ro: libvirt.openReadOnly(uri) if ro else libvirt.open(uri),
+              interactive=lambda: interactive, progress=lambda: False)
+    argv = ["vm", *args]
+    if args and args[0] == "create":
+        argv += ["--root", str(root), "--connect", TEST_URI]
+    elif args:
+        argv += ["--connect", TEST_URI]
+    return CliRunner().invoke(cli, argv, obj=env, input=input, catch_exceptions=False)
+
+
+def _flags(vm_host, *extra: str) -> list[str]:
+    return ["--mode", "passthrough", "--gpu", "03:00.0", "--iso", vm_host.iso, "--memory", "8GiB", "--vcpus", "4",
+            "--virt-type", "qemu", "--network", "user", "--pool", POOL, *extra]
+
+
+def _volumes(conn) -> list[str]:
+    return sorted(conn.storagePoolLookupByName(POOL).listVolumes())
+
+
+def test_dry_run_prints_the_definition_and_creates_nothing(two_gpus, conn):
+    before = (conn.listDefinedDomains(), _volumes(conn))
+    result = run(two_gpus.root, "create", "gamer", *_flags(two_gpus, "--hugepages"))
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "VM gamer: win11, passthrough, 8 GiB RAM (hugepages), 4 vCPU(s)" in out
+    assert "GPU:       0000:03:00.0, 0000:03:00.1 (janus-hooks mode passthrough)" in out
+    assert "NVIDIA drivers since 465 no longer need hiding" in out
+    assert "Nothing was created. Add --apply" in out
+    spec = parse_domain(out[out.index("<domain"):out.index("</domain>") + len("</domain>")])
+    assert spec.mode == "passthrough" and spec.hugepages is not None
+    assert (conn.listDefinedDomains(), _volumes(conn)) == before
+
+
+def test_apply_creates_the_volume_and_defines_then_list_and_delete(two_gpus, conn):
+    result = run(two_gpus.root, "create", "gamer", *_flags(two_gpus, "--apply", "--yes", "--disk-size", "2GiB"))
+    assert result.exit_code == 0, result.output
+    assert "Created volume /default-pool/gamer.qcow2." in result.output
+    assert "press Run (janus-hooks frees the GPU when it starts)" in result.output
+    assert "gamer.qcow2" in _volumes(conn)
+    assert conn.storageVolLookupByPath("/default-pool/gamer.qcow2").info()[1] == 2 * 1024**3
+    spec = parse_domain(conn.lookupByName("gamer").XMLDesc(0))
+    assert (spec.mode, [h.address for h in spec.hostdevs]) == ("passthrough", ["0000:03:00.0", "0000:03:00.1"])
+
+    listed = run(two_gpus.root, "list")
+    assert "gamer" in listed.output and "passthrough  0000:03:00.0, 0000:03:00.1" in listed.output
+
+    again = run(two_gpus.root, "create", "gamer", *_flags(two_gpus, "--apply", "--yes"))
+    assert again.exit_code == 1
+    assert again.stderr.strip() == "janus-hooks: a VM named 'gamer' already exists at test:///default; choose " \
+                                   "another name"
+
+    kept = run(two_gpus.root, "delete", "gamer", "--yes")
+    assert kept.exit_code == 0, kept.output
+    assert "gamer" not in conn.listDefinedDomains() and "gamer.qcow2" in _volumes(conn)
+    conn.storageVolLookupByPath("/default-pool/gamer.qcow2").delete(0)
+
+
+def test_delete_with_storage_removes_the_volume(two_gpus, conn):
+    assert run(two_gpus.root, "create", "gone", *_flags(two_gpus, "--apply", "--yes")).exit_code == 0
+    dry = run(two_gpus.root, "delete", "gone", "--storage")
+    assert dry.exit_code == 1 and "delete volume /default-pool/gone.qcow2" in dry.output
+    assert "gone" in conn.listDefinedDomains()
+    assert run(two_gpus.root, "delete", "gone", "--storage", "--yes").exit_code == 0
+    assert "gone" not in conn.listDefinedDomains() and "gone.qcow2" not in _volumes(conn)
+
+
+def test_delete_refuses_a_vm_it_did_not_make(two_gpus, conn):
+    result = run(two_gpus.root, "delete", "test", "--yes")  # the test driver's own VM
+    assert result.exit_code == 1
+    assert "VM 'test' was not made by 'janus-hooks vm create'" in result.stderr
+
+
+def test_a_failure_part_way_removes_what_this_run_created(two_gpus, conn, tmp_path):
+    # The test driver cannot upload (virStorageVolUpload): the disk volume exists by then and must go.
+    password = tmp_path / "pw"
+    password.write_text("s3cret\n")
+    before = (conn.listDefinedDomains(), _volumes(conn))
+    result = run(two_gpus.root, "create", "halfway", *_flags(two_gpus, "--apply", "--yes", "--unattend-user", "alice",
+                                                             "--unattend-password-file", str(password)))
+    assert result.exit_code == 1
+    assert result.stderr.strip() == ("janus-hooks: creating VM 'halfway' failed: this function is not supported by "
+                                     "the connection driver: virStorageVolUpload; removed what this run created")
+    assert (conn.listDefinedDomains(), _volumes(conn)) == before
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--mode", "cpu-only"], "--iso required (or answer step by step on a terminal: --guided)"),
+    (["--iso", "/x.iso"], "--mode required"),
+    (["--mode", "cpu-only", "--iso", "/no/such.iso"], "installation ISO /no/such.iso does not exist"),
+    (["--mode", "cpu-only", "--iso", "ISO", "--memory", "1TiB"], "1 TiB of RAM is more than this host has"),
+    (["--mode", "cpu-only", "--iso", "ISO", "--storage", "block", "--disk", "/dev/sda"],
+     "/dev/sda holds the host's root filesystem"),
+    (["--mode", "cpu-only", "--iso", "ISO", "--unattend-user", "bob"],
+     "--unattend-user bob needs --unattend-password-file without a terminal"),
+])
+def test_refusals_without_a_terminal_create_nothing(two_gpus, conn, args, message):
+    before = (conn.listDefinedDomains(), _volumes(conn))
+    args = [two_gpus.iso if a == "ISO" else a for a in args]
+    result = run(two_gpus.root, "create", "refused", "--virt-type", "qemu", "--pool", POOL, *args)
+    assert result.exit_code != 0
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert (conn.listDefinedDomains(), _volumes(conn)) == before
+
+
+@pytest.mark.parametrize("name", ["../evil", "it's", 'a"b'])
+def test_hostile_names_are_refused_before_anything(two_gpus, name):
+    result = run(two_gpus.root, "create", name, "--mode", "cpu-only", "--iso", two_gpus.iso)
+    assert result.exit_code == 1
+    assert f"VM name {name!r} is refused" in result.stderr
+
+
+def test_guided_flow_through_a_pseudo_terminal(two_gpus, tmp_path):
+    pexpect = pytest.importorskip("pexpect")
+    cli_path = str(Path(sys.executable).with_name("janus-hooks"))
+    child = pexpect.spawn(cli_path, ["vm", "create", "guided", "--root", str(two_gpus.root), "--connect", TEST_URI,
+                                     "--virt-type", "qemu", "--network", "user", "--pool", POOL],
+                          encoding="utf-8", timeout=60, dimensions=(50, 200))
+    try:
+        child.expect("Step 1 of 3")
+        child.expect("Installation ISO: ")
+        child.sendline("/no/such.iso")  # refused with the reason, asked again
+        child.expect("does not exist or is not a file")
+        child.expect("Installation ISO: ")
+        child.sendline(two_gpus.iso)
+        child.expect(r"Guest OS \(win11, win10, linux\) \[win11\]: ")
+        child.sendline("")
+        child.expect(r"virtio drivers ISO \(empty: none\): ")
+        child.sendline(two_gpus.virtio_iso)
+        child.expect("Step 2 of 3")
+        child.expect(r"RAM \[15GiB\]: ")  # half of the fake host's 31.25 GiB
+        child.sendline("64GiB")
+        child.expect(r"64 GiB of RAM is more than this host has \(31.25 GiB\)")
+        child.expect(r"RAM \[15GiB\]: ")
+        child.sendline("8GiB")
+        child.expect(r"vCPUs \[4\]: ")
+        child.sendline("")
+        child.expect(r"Video profile .* \[passthrough\]: ")
+        child.sendline("")
+        child.expect(r"GPU \[0000:0c:00.0\]: ")
+        child.sendline("03:00.0")
+        child.expect(r"hugepages\? \[Y/n\]: ")
+        child.sendline("y")
+        child.expect(r"Storage \(file, block\) \[file\]: ")
+        child.sendline("")
+        child.expect(r"Disk size \[64GiB\]: ")
+        child.sendline("2GiB")
+        child.expect("Step 3 of 3")
+        child.expect(r"Local account .*: ")
+        child.sendline("")
+        child.expect("VM guided: win11, passthrough, 8 GiB RAM \\(hugepages\\), 4 vCPU\\(s\\)")
+        child.expect(r"Create VM 'guided' now\? \[Y/n\]: ")
+        child.sendline("y")
+        child.expect("Created VM guided.")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0, child.before

@@ -1,0 +1,71 @@
+"""Every variant of ``vm create`` is a valid libvirt domain with the devices its profile promises."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from xml.etree import ElementTree
+
+import pytest
+
+from janus_hooks.domain import PROFILE_NS, parse_domain
+from tests.vm.variants import DGPU, NVIDIA, VARIANTS, hosts, plan_of, xml_of
+
+POOL = "/var/lib/libvirt/images"
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory):
+    return hosts(tmp_path_factory.mktemp("vmhosts"))
+
+
+@pytest.fixture(scope="module")
+def iso(tmp_path_factory):
+    path = tmp_path_factory.mktemp("media") / "win11.iso"
+    path.write_bytes(b"\0" * 2048)
+    return str(path)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v.slug)
+def test_variant_has_what_its_profile_promises(variant, roots, iso):
+    plan = plan_of(variant, roots[variant.mode], "win-" + variant.slug, iso, "/dev/sdb")
+    xml = xml_of(plan, POOL)
+    spec = parse_domain(xml)
+    root = ElementTree.fromstring(xml)
+    hostdevs = [h.address for h in spec.hostdevs]
+    expected = {"passthrough": [DGPU, "0000:03:00.1"], "single-gpu": [NVIDIA[:-1] + f for f in "0123"]}
+    assert hostdevs == expected.get(variant.mode, [])
+    assert spec.mode == (variant.mode if variant.mode in ("passthrough", "single-gpu") else None)
+    assert (spec.hugepages is not None) == variant.hugepages
+    disk = root.find("devices/disk[@device='disk']")
+    assert disk.get("type") == variant.storage
+    source = disk.find("source")
+    assert (source.get("dev") if variant.storage == "block" else source.get("file")) == (
+        "/dev/sdb" if variant.storage == "block" else f"{POOL}/win-{variant.slug}.qcow2")
+    cdroms = [d.find("source").get("file") for d in root.findall("devices/disk[@device='cdrom']")]
+    assert cdroms == [iso] + ([f"{POOL}/win-{variant.slug}-unattend.iso"] if variant.unattend else [])
+    assert root.find("os/firmware/feature[@name='secure-boot']").get("enabled") == "yes"
+    assert root.find("devices/tpm/backend").get("version") == "2.0"
+    stealth = root.find("features/kvm/hidden") is not None
+    assert stealth == (variant.mode in ("passthrough", "single-gpu"))
+    if variant.mode == "shared-vram":
+        assert root.find("devices/hostdev[@type='mdev']/source/address").get("uuid")
+        assert root.find(f"metadata/{{{PROFILE_NS}}}profile") is None
+    if variant.mode == "cpu-only":
+        assert root.find("devices/video/model").get("type") == "virtio"
+
+
+@pytest.mark.skipif(shutil.which("virt-xml-validate") is None or shutil.which("xmllint") is None,
+                    reason="virt-xml-validate (libvirt-clients) and xmllint (libxml2-utils) are not installed")
+def test_every_variant_validates_against_libvirts_schema(roots, iso, tmp_path):
+    failures = []
+    for variant in VARIANTS:
+        for virt_type in ("kvm", "qemu"):
+            plan = plan_of(variant, roots[variant.mode], "win-" + variant.slug, iso, "/dev/sdb", virt_type)
+            path = tmp_path / f"{variant.slug}-{virt_type}.xml"
+            path.write_text(xml_of(plan, POOL))
+            proc = subprocess.run(["virt-xml-validate", str(path), "domain"], capture_output=True, text=True,
+                                  timeout=60, check=False)
+            if proc.returncode != 0:
+                failures.append(f"{path.name}: {proc.stdout}{proc.stderr}")
+    assert not failures, "\n".join(failures)
