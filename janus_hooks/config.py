@@ -41,7 +41,8 @@ class CpuConfig:
 @dataclass(frozen=True)
 class Config:
     display_manager: str = ""  # empty: whatever display-manager.service points to
-    stop_units: tuple[str, ...] = ()
+    stop_units: tuple[str, ...] = ()  # system units
+    stop_user_units: tuple[str, ...] = ()  # units of users' systemd instances (Sunshine, a GPU job)
     end_sessions: bool = True
     # Hosts without systemd (OpenRC, runit, a container): how to stop and start the display server.
     stop_command: tuple[str, ...] = ()
@@ -133,6 +134,7 @@ def load_config(config_dir: Path) -> Config:
     return Config(
         display_manager=str(display.get("manager", "")),
         stop_units=_argv(path, "display.stop_units", display.get("stop_units", [])),
+        stop_user_units=_argv(path, "display.stop_user_units", display.get("stop_user_units", [])),
         end_sessions=bool(display.get("end_sessions", True)),
         stop_command=_argv(path, "display.stop_command", display.get("stop_command", [])),
         start_command=_argv(path, "display.start_command", display.get("start_command", [])),

@@ -26,6 +26,7 @@ from janus_hooks.actions import (
     LoadModule,
     RunDisplayCommands,
     StopUnit,
+    StopUserUnit,
     UnbindVtconsole,
     UnloadModule,
     WaitReleased,
@@ -112,8 +113,8 @@ def make_plan(spec: DomainSpec, mode: str | None, config: Config, snap: HostSnap
         _hugepages(b)
         if gpus:
             unloading = _driver_modules(b, gpus, addresses)
-            nodes, shared = _gpu_nodes(b, gpus, unloading)
-            _free_gpu(b, gpus, nodes, shared)
+            nodes, shared = _gpu_nodes(b, addresses, gpus, unloading)
+            _free_gpu(b, gpus, addresses, nodes, shared)
             if mode == "single-gpu":
                 _console(b, gpus)
             b.actions += unloading
@@ -154,14 +155,17 @@ def _check_devices(b: _Builder, addresses: tuple[str, ...]) -> list[PciDevice]:
 
 
 def _drives_host_display(snap: HostSnapshot, gpu: PciDevice) -> str | None:
+    # Only the boot GPU: a compositor that merely has a second card open does not display on it (its
+    # holders are refused later with the ways to let go of it).
+    if not gpu.boot_vga or gpu.driver == VFIO_DRIVER:
+        return None
     holders = [h for h in snap.holders if h.node in snap.drm_nodes.get(gpu.address, ())]
     if holders:
         return f"{holders[0].describe()}"
-    if gpu.boot_vga and gpu.driver != VFIO_DRIVER:
-        if any(c.is_framebuffer and c.bound for c in snap.vtconsoles):
-            return "the boot GPU with the framebuffer console on it"
-        if any(f.driver for f in snap.framebuffers):
-            return "the boot GPU with the boot framebuffer on it"
+    if any(c.is_framebuffer and c.bound for c in snap.vtconsoles):
+        return "the boot GPU with the framebuffer console on it"
+    if any(f.driver for f in snap.framebuffers):
+        return "the boot GPU with the boot framebuffer on it"
     return None
 
 
@@ -223,11 +227,13 @@ def _driver_modules(b: _Builder, gpus: list[PciDevice], addresses: tuple[str, ..
     return steps
 
 
-def _gpu_nodes(b: _Builder, gpus: list[PciDevice], unloading: list[Action]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def _gpu_nodes(b: _Builder, addresses: tuple[str, ...], gpus: list[PciDevice],
+               unloading: list[Action]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     nodes: list[str] = []
     shared: list[str] = []
+    for address in addresses:
+        nodes += b.snap.function_nodes(address)
     for gpu in gpus:
-        nodes += b.snap.card_nodes(gpu)
         if unloading:
             # Nodes shared by the vendor's whole stack only matter when its module goes away.
             shared += backend_for(gpu.driver).shared_nodes
@@ -263,12 +269,17 @@ def _goes_with(peers_per_fd: tuple[tuple[int, ...], ...], ended: set[int]) -> bo
     return bool(peers_per_fd) and all(ended.intersection(peers) for peers in peers_per_fd)
 
 
-def _free_gpu(b: _Builder, gpus: list[PciDevice], nodes: tuple[str, ...], shared: tuple[str, ...]) -> None:
+def _free_gpu(b: _Builder, gpus: list[PciDevice], addresses: tuple[str, ...], nodes: tuple[str, ...],
+              shared: tuple[str, ...]) -> None:
     units = _stop_units(b, gpus)
     holders = [h for h in b.snap.holders if h.node in nodes or any(h.node.startswith(p) for p in shared)]
     single = b.mode == "single-gpu"
     by_command = single and not b.snap.systemd and bool(b.config.stop_command)
     sessions: dict[str, int] = {}
+    # Named user units (Sunshine) in every user manager logind tracks; then those that hold the GPU or its
+    # audio in a graphical session that ends (compositor, portals, PipeWire): a lingering user's manager,
+    # or one kept by an ssh login, would keep them running past the session.
+    user_units = {(uid, unit): None for uid in b.snap.users for unit in b.config.stop_user_units}
     ended: set[int] = set()  # pids that let go when the plan's units stop and its sessions end
     keepers = [h for h in holders if h.session_device_keeper]
     for hold in [h for h in holders if not h.session_device_keeper] + keepers:
@@ -279,21 +290,25 @@ def _free_gpu(b: _Builder, gpus: list[PciDevice], nodes: tuple[str, ...], shared
             # logind's (and PID 1's fd-store) copy of a device that a session the plan ends holds: it goes
             # with that session. WaitReleased still checks that it did.
             continue
+        user_unit = hold.user_unit if hold.uid is not None else None
+        if user_unit and user_unit in b.config.stop_user_units:
+            user_units[(hold.uid, user_unit)] = None
+            ended.add(hold.pid)
+            continue
         session = _graphical_session(b, hold) if single and b.config.end_sessions else None
         if session:
             sessions.setdefault(session, hold.uid if hold.uid is not None else -1)
+            if user_unit:
+                user_units[(hold.uid, user_unit)] = None
             ended.add(hold.pid)
             continue
         if by_command:
             continue  # the display stop command is expected to end it; WaitReleased checks
-        where = f" (unit {hold.unit})" if hold.unit else ""
-        b.refuse(
-            f"GPU {gpus[0].address} is held by {hold.describe()}{where}, which janus-hooks may not stop; "
-            "close it or list its unit in display.stop_units"
-        )
+        b.refuse(_held(b, hold, addresses, gpus))
     if b.snap.systemd:
         b.actions += [StopUnit(u) for u in units]
         b.actions += [EndSession(s, uid) for s, uid in sessions.items()]
+        b.actions += [StopUserUnit(uid, unit) for uid, unit in user_units]
     else:
         if units:
             b.notes.append(f"no running systemd: not stopping {', '.join(units)}")
@@ -301,6 +316,25 @@ def _free_gpu(b: _Builder, gpus: list[PciDevice], nodes: tuple[str, ...], shared
             b.actions.append(RunDisplayCommands(b.config.stop_command, b.config.start_command))
     if nodes or shared:
         b.actions.append(WaitReleased(nodes, shared))
+
+
+def _held(b: _Builder, hold: ProcessHold, addresses: tuple[str, ...], gpus: list[PciDevice]) -> str:
+    """The refusal for a holder janus-hooks may not stop: which function, who, and what the person can do."""
+    address = next((a for a in addresses if hold.node in b.snap.function_nodes(a)), gpus[0].address)
+    audio = hold.node.startswith("/dev/snd/")
+    what = "audio function" if audio else "GPU"
+    if hold.unit:
+        where, remedy = f" (unit {hold.unit})", "close it or list its unit in display.stop_units"
+    elif hold.user_unit:
+        where = f" (user unit {hold.user_unit} of uid {hold.uid})"
+        remedy = "close it or list its unit in display.stop_user_units (display.stop_units is for system units)"
+    else:
+        where, remedy = "", "close it or list its unit in display.stop_units"
+    if b.mode == "passthrough" and not audio:
+        # A second GPU: the desktop only has it open, it does not draw on it.
+        remedy += ("; or tell the compositor to leave this card alone (GNOME: the mutter-device-ignore udev "
+                   "tag; KDE: KWIN_DRM_DEVICES)")
+    return f"{what} {address} is held by {hold.describe()}{where}, which janus-hooks may not stop; {remedy}"
 
 
 def _console(b: _Builder, gpus: list[PciDevice]) -> None:

@@ -91,6 +91,14 @@ class HostSnapshot:
     # (pid, node) of PID 1 / systemd-logind -> per descriptor, the pids holding that very open file (kcmp).
     shared_files: dict[tuple[int, str], tuple[tuple[int, ...], ...]] = field(default_factory=dict)
     cpu: CpuState | None = None  # read only when a VM may be isolated
+    sound_nodes: dict[str, tuple[str, ...]] = field(default_factory=dict)  # address -> its cards' /dev/snd nodes
+    users: tuple[int, ...] = ()  # uids logind tracks (logged in or lingering)
+
+    def function_nodes(self, address: str) -> tuple[str, ...]:
+        """Every node through which a process keeps one PCI function busy: a card's, or its sound card's."""
+        dev = self.devices.get(address)
+        card = self.card_nodes(dev) if dev is not None and dev.is_display else ()
+        return card + self.sound_nodes.get(address, ())
 
     def card_nodes(self, gpu: PciDevice) -> tuple[str, ...]:
         """The device nodes of one card: its /dev/dri nodes and the vendor's per-card ones (/dev/nvidiaN)."""
@@ -153,4 +161,6 @@ class HostSnapshot:
             claims=dict(claims or {}),
             shared_files=shared,
             cpu=cpu,
+            sound_nodes={a: nodes for a in devices if (nodes := tuple(host.sound_nodes_of(a)))},
+            users=tuple(host.logind_users()),
         )

@@ -12,7 +12,7 @@ from janus_hooks.actions.cpu import (
     SharedCpuStep,
     StopIrqbalance,
 )
-from janus_hooks.actions.display import EndSession, RunDisplayCommands, StopUnit, WaitReleased
+from janus_hooks.actions.display import EndSession, RunDisplayCommands, StopUnit, StopUserUnit, WaitReleased
 from janus_hooks.actions.driver import VFIO_DRIVER, BindVfio, LoadModule, UnloadModule
 from janus_hooks.actions.memory import AllocateHugepages
 
@@ -35,6 +35,7 @@ __all__ = [
     "SharedCpuStep",
     "StopIrqbalance",
     "StopUnit",
+    "StopUserUnit",
     "UnbindVtconsole",
     "UnloadModule",
     "WaitReleased",

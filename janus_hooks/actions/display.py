@@ -61,6 +61,44 @@ class EndSession(Action):
 
 
 @dataclass(frozen=True)
+class StopUserUnit(Action):
+    """A unit of a user's systemd instance (compositor, portal, PipeWire, Sunshine) that holds the GPU or its
+    audio. Started again on release only while that user's manager still runs (lingering, an ssh login):
+    otherwise the user's next login starts it."""
+
+    kind = "stop-user-unit"
+    uid: int
+    unit: str
+
+    def describe(self) -> str:
+        return f"stop user unit {self.unit} of uid {self.uid}"
+
+    def capture(self, ctx: Context) -> dict[str, Any]:
+        return {"active": ctx.services.user_is_active(self.uid, self.unit)}
+
+    def apply(self, ctx: Context, old: dict[str, Any]) -> None:
+        # The session's end may have stopped the whole user manager already.
+        if old["active"] and ctx.services.user_is_active(self.uid, self.unit):
+            ctx.services.stop_user(self.uid, self.unit, ctx.config.timeouts.unit_stop)
+
+    def verify(self, ctx: Context, old: dict[str, Any]) -> None:
+        wait_until(ctx, lambda: not ctx.services.user_is_active(self.uid, self.unit),
+                   ctx.config.timeouts.unit_stop, f"user unit {self.unit} of uid {self.uid} stopping")
+
+    def revert(self, ctx: Context, old: dict[str, Any]) -> None:
+        if not old.get("active") or ctx.services.user_is_active(self.uid, self.unit):
+            return
+        if not ctx.services.user_manager_running(self.uid):
+            log.info("user manager of uid %d is not running: %s starts with the next login", self.uid, self.unit)
+            return
+        try:
+            ctx.services.start_user(self.uid, self.unit, ctx.config.timeouts.unit_stop)
+        except StepFailed as err:
+            # Nothing a later replay could do better (a compositor unit needs the session that ended).
+            ctx.warn(f"user unit {self.unit} of uid {self.uid} did not start again: {err}")
+
+
+@dataclass(frozen=True)
 class RunDisplayCommands(Action):
     """Hosts without systemd: the configured argv lists that stop and start the display server.
 

@@ -84,6 +84,16 @@ class ProcessHold:
     fds: tuple[int, ...] = ()  # its descriptors of ``node`` (kcmp compares them with another process's)
 
     @property
+    def user_unit(self) -> str | None:
+        """The unit in a user's systemd instance it runs in (.../user@1000.service/app.slice/x.service)."""
+        parts = [p for p in self.cgroup.split("/") if p]
+        for i, part in enumerate(parts):
+            if part.startswith("user@") and part.endswith(".service"):
+                units = [p for p in parts[i + 1:] if p.endswith((".service", ".scope"))]
+                return units[-1] if units else None
+        return None
+
+    @property
     def session_device_keeper(self) -> bool:
         """PID 1 (logind's fd store) or systemd-logind itself: they keep a copy of every device a session
         took through logind, and let go of it when the session ends."""

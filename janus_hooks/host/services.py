@@ -20,6 +20,14 @@ class Services(Protocol):
 
     def set_unit_property(self, unit: str, name: str, value: str, timeout: float) -> None: ...
 
+    def user_manager_running(self, uid: int) -> bool: ...
+
+    def user_is_active(self, uid: int, unit: str) -> bool: ...
+
+    def stop_user(self, uid: int, unit: str, timeout: float) -> None: ...
+
+    def start_user(self, uid: int, unit: str, timeout: float) -> None: ...
+
 
 class SystemdServices:
     """systemctl and loginctl through the runner; only used when the host model says systemd runs."""
@@ -45,3 +53,20 @@ class SystemdServices:
     def set_unit_property(self, unit: str, name: str, value: str, timeout: float) -> None:
         # --runtime: the drop-in lives under /run and is gone after a reboot, like the VM run it serves.
         check(self._runner.run(["systemctl", "set-property", "--runtime", "--", unit, f"{name}={value}"], timeout))
+
+    # A user's systemd instance, reached as root through the system bus (systemd >= 248): no session
+    # environment, no su; a manager that is not running answers "inactive".
+    def _user(self, uid: int) -> list[str]:
+        return ["systemctl", "--user", f"--machine={uid}@.host"]
+
+    def user_manager_running(self, uid: int) -> bool:
+        return self.is_active(f"user@{uid}.service")
+
+    def user_is_active(self, uid: int, unit: str) -> bool:
+        return self._runner.run([*self._user(uid), "is-active", "--quiet", unit], 15.0).returncode == 0
+
+    def stop_user(self, uid: int, unit: str, timeout: float) -> None:
+        check(self._runner.run([*self._user(uid), "stop", unit], timeout))
+
+    def start_user(self, uid: int, unit: str, timeout: float) -> None:
+        check(self._runner.run([*self._user(uid), "start", unit], timeout))

@@ -24,8 +24,11 @@ from janus_hooks.host.model import (
 )
 from janus_hooks.host.storage import BackingDevice, StorageMap
 
-# Device nodes through which a process keeps a GPU busy.
-GPU_NODE_PREFIXES = ("/dev/dri/", "/dev/nvidia", "/dev/kfd")
+# Device nodes through which a process keeps a GPU busy, or its audio function (snd_hda_intel's unbind waits
+# until every file of the card is closed).
+GPU_NODE_PREFIXES = ("/dev/dri/", "/dev/nvidia", "/dev/kfd", "/dev/snd/")
+# A sound card's nodes, as its sysfs directory names them (sound/card0/controlC0 -> /dev/snd/controlC0).
+SOUND_NODE_PREFIXES = ("controlC", "pcmC", "hwC", "midiC")
 
 
 def dev_node(name: str) -> str:
@@ -214,6 +217,22 @@ class Host:
                 nodes.append(f"/dev/dri/{name}")
         return nodes
 
+    def sound_nodes_of(self, address: str) -> list[str]:
+        """The /dev/snd nodes of the sound cards a PCI function registered (its ``sound/cardN/`` entries)."""
+        base = self.pci_dir(address) / "sound"
+        nodes = []
+        try:
+            cards = sorted(n for n in os.listdir(base) if n.startswith("card"))
+        except OSError:
+            return []
+        for card in cards:
+            try:
+                names = sorted(os.listdir(base / card))
+            except OSError:
+                continue
+            nodes += [f"/dev/snd/{n}" for n in names if n.startswith(SOUND_NODE_PREFIXES)]
+        return nodes
+
     def nvidia_minor(self, address: str) -> int | None:
         text = _read(self.path("proc/driver/nvidia/gpus", address, "information"))
         for line in text.splitlines():
@@ -321,6 +340,14 @@ class Host:
             self.path(d, unit).exists()
             for d in ("etc/systemd/system", "run/systemd/system", "lib/systemd/system", "usr/lib/systemd/system")
         )
+
+    def logind_users(self) -> list[int]:
+        """Users logind tracks (a login, or lingering): each may run a systemd user manager."""
+        try:
+            names = os.listdir(self.path("run/systemd/users"))
+        except OSError:
+            return []
+        return sorted(int(n) for n in names if n.isdigit())
 
     def sessions(self) -> list[Session]:
         base = self.sessions_dir()

@@ -12,18 +12,20 @@ from tests.fake import hosts
 from tests.fake.builder import HostBuilder
 from tests.fake.world import LOGIND_PID, open_fd
 
-XML = domain_xml(hostdevs=(hosts.DESKTOP_GPU,))
+XML = domain_xml(hostdevs=hosts.DESKTOP_FUNCTIONS)
 
 
 def test_logind_and_pid1_copies_go_with_the_session_the_plan_ends(fake):
     h = fake(hosts.systemd_desktop)
     holders = {(x.pid, x.command) for x in h.janus().host.gpu_holders()}
-    assert holders == {(1, "systemd"), (LOGIND_PID, "systemd-logind"), (1150, "weston")}
+    assert holders == {(1, "systemd"), (LOGIND_PID, "systemd-logind"), (1150, "weston"), (1210, "pipewire"),
+                       (1211, "wireplumber")}
     plan = h.janus().plan(parse_domain(XML))
     assert plan.refusal is None
-    assert [a.describe() for a in plan.actions][:3] == [
-        "stop greetd.service", "end graphical session 1 of uid 1000",
-        "wait until no process holds /dev/dri/card0, /dev/dri/renderD128"]
+    assert [a.describe() for a in plan.actions][:4] == [
+        "stop greetd.service", "end graphical session 1 of uid 1000", "stop user unit wireplumber.service of uid 1000",
+        "wait until no process holds /dev/dri/card0, /dev/dri/renderD128, /dev/snd/controlC0, /dev/snd/hwC0D0, "
+        "/dev/snd/pcmC0D0p"]
     before = h.snapshot()
     assert h.hook("win11", "prepare", "begin", XML) == (0, "")
     assert h.driver(hosts.DESKTOP_GPU) == "vfio-pci"

@@ -8,6 +8,7 @@ from typing import Any
 
 from tests.fake.world import (
     LOGIND_PID,
+    UNIT_STATE,
     link,
     open_fd,
     save_world,
@@ -103,6 +104,14 @@ class HostBuilder:
             self.world["nodes"][f"/dev/dri/{name}"] = address
         return self
 
+    def sound(self, card: int, address: str, pcms: tuple[str, ...] = ("D0p",)) -> HostBuilder:
+        """A sound card registered by a PCI function (its ``sound/cardN/`` entries and /dev/snd nodes)."""
+        for name in (f"controlC{card}", f"hwC{card}D0", *(f"pcmC{card}{p}" for p in pcms)):
+            (self.root / "sys/bus/pci/devices" / address / "sound" / f"card{card}" / name).mkdir(parents=True,
+                                                                                               exist_ok=True)
+            self.world["nodes"][f"/dev/snd/{name}"] = address
+        return self
+
     def nvidia_minor(self, address: str, minor: int) -> HostBuilder:
         write(self.root / "proc/driver/nvidia/gpus" / address / "information",
               f"Model: \t\t NVIDIA GeForce RTX 3060 Ti\nDevice Minor: \t {minor}\nBus Location: \t {address}\n")
@@ -140,7 +149,7 @@ class HostBuilder:
         procs = [{**p, "cgroup": p.get("cgroup", f"/system.slice/{unit}")} for p in processes]
         self.world["units"][unit] = {"processes": procs, "stuck": stuck}
         write(self.root / "lib/systemd/system" / unit, f"[Service]\nExecStart=/usr/sbin/{unit}\n")
-        write(self.root / "run/fake-systemd" / unit, "active\n" if active else "inactive\n")
+        write(self.root / UNIT_STATE / unit, "active\n" if active else "inactive\n")
         if active:
             for proc in procs:
                 spawn_process(self.root, proc)
@@ -177,6 +186,24 @@ class HostBuilder:
             for node in devices:
                 for pid in (1, LOGIND_PID):
                     open_fd(self.root, pid, node, session_device_file(sid, node))
+        return self
+
+    def user_manager(self, uid: int, units: dict[str, list[dict[str, Any]]], linger: bool = False) -> HostBuilder:
+        """``user@UID.service`` with its units (name -> processes, in ``user@UID.service/<slice>/<unit>``).
+        Without ``linger`` it stops when the user's last session ends and starts with the next one."""
+        manager = f"user@{uid}.service"
+        base = f"/user.slice/user-{uid}.slice/{manager}"
+        self.unit(manager, [{"pid": 7000 + uid % 1000, "comm": "systemd", "fds": [], "cgroup": f"{base}/init.scope"}])
+        write(self.root / "run/systemd/users" / str(uid), f"NAME=user{uid}\nSTATE=active\n")
+        self.world.setdefault("user_units", {})[str(uid)] = {}
+        for unit, procs in units.items():
+            slice_ = "app.slice" if unit.startswith("app-") else "session.slice"
+            self.world["user_units"][str(uid)][unit] = [
+                {**p, "uid": uid, "cgroup": f"{base}/{slice_}/{unit}"} for p in procs]
+            write(self.root / UNIT_STATE / f"user-{uid}" / unit, "active\n")
+            for proc in self.world["user_units"][str(uid)][unit]:
+                spawn_process(self.root, proc)
+        self.world.setdefault("linger", {})[str(uid)] = linger
         return self
 
     def logind(self) -> HostBuilder:

@@ -163,23 +163,32 @@ DESKTOP_GPU = "0000:00:02.0"
 DESKTOP_AUDIO = "0000:00:02.1"
 SECOND_GPU = "0000:00:03.0"
 DESKTOP_USER = 1000
+DESKTOP_FUNCTIONS = (DESKTOP_GPU, DESKTOP_AUDIO)
 
 
-def systemd_desktop(root: Path, second_gpu: bool = False) -> Path:
+def systemd_desktop(root: Path, second_gpu: bool = False, linger: bool = False) -> Path:
     """What the desktop lab runs: systemd as PID 1 with logind, greetd's autologin starting weston in a
     wayland session on seat0; weston took card0 through logind (TakeDevice), so logind and PID 1's fd store
-    hold the very same open file. ``second_gpu``: a secondary-vga on bochs-drm in its own IOMMU group."""
+    hold the very same open file. The GPU has an HDA audio function (card 0) in its IOMMU group, which
+    WirePlumber in the user's systemd instance holds. ``second_gpu``: a secondary-vga on bochs-drm in its
+    own IOMMU group. ``linger``: the user's manager outlives the session."""
     b = _common(HostBuilder(root))
     b.module("drm")
     b.module("bochs", drivers=("bochs-drm",), deps=("drm",))
     b.pci(DESKTOP_GPU, "0x1234", "0x1111", "0x030000", "bochs-drm", 2, boot_vga=True, reset="")
+    b.pci(DESKTOP_AUDIO, "0x8086", "0x293e", "0x040300", "snd_hda_intel", 2, reset="")
     b.drm(0, DESKTOP_GPU)
+    b.sound(0, DESKTOP_AUDIO)
     if second_gpu:
         b.pci(SECOND_GPU, "0x1234", "0x1111", "0x030000", "bochs-drm", 3, boot_vga=False, reset="")
         b.drm(1, SECOND_GPU)
     b.fbcon()
     b.unit("greetd.service", [{"pid": 1100, "comm": "greetd", "fds": []}])
     b.display_manager("greetd.service")
+    b.user_manager(DESKTOP_USER, {
+        "pipewire.service": [{"pid": 1210, "comm": "pipewire", "fds": ["/dev/snd/seq"]}],
+        "wireplumber.service": [{"pid": 1211, "comm": "wireplumber", "fds": ["/dev/snd/controlC0"]}],
+    }, linger=linger)
     b.session("1", DESKTOP_USER, "wayland", unit="greetd.service", devices=("/dev/dri/card0",),
               processes=[{"pid": 1150, "comm": "weston", "fds": ["/dev/dri/card0"]}])
     return b.build()

@@ -19,6 +19,7 @@ from janus_hooks.errors import CommandFailed
 from janus_hooks.host.runner import Result
 from tests.fake.world import (
     LOGIND_PID,
+    UNIT_STATE,
     close_files,
     kill_process,
     load_world,
@@ -29,8 +30,6 @@ from tests.fake.world import (
     unlink,
     write,
 )
-
-UNIT_STATE = "run/fake-systemd"
 
 
 class FakeServices:
@@ -65,6 +64,11 @@ class FakeServices:
         write(self._state(unit), "inactive\n")
         for sid in self._sessions_of(unit):
             self._end_session(sid)
+        if unit.startswith("user@"):
+            # A user manager takes its units with it.
+            uid = int(unit[len("user@"):-len(".service")])
+            for name in load_world(self.root).get("user_units", {}).get(str(uid), {}):
+                self._set_user(uid, name, False)
 
     def start(self, unit: str, timeout: float) -> None:
         self._call("start", unit)
@@ -76,11 +80,55 @@ class FakeServices:
         write(self._state(unit), "active\n")
         for sid in self._sessions_of(unit):
             self._begin_session(sid)
+        if unit.startswith("user@"):
+            # Its default units come up with it (PipeWire, WirePlumber, the compositor's helpers).
+            uid = int(unit[len("user@"):-len(".service")])
+            for name in load_world(self.root).get("user_units", {}).get(str(uid), {}):
+                self._set_user(uid, name, True)
 
     def terminate_session(self, session_id: str, timeout: float) -> None:
         self.calls.append(("terminate-session", session_id))
         self._end_session(session_id)
 
+    # --- users' systemd instances ---------------------------------------------------------------------
+    def user_manager_running(self, uid: int) -> bool:
+        return self.is_active(f"user@{uid}.service")
+
+    def user_is_active(self, uid: int, unit: str) -> bool:
+        if not self.user_manager_running(uid):
+            return False
+        path = self.root / UNIT_STATE / f"user-{uid}" / unit
+        return path.exists() and path.read_text().strip() == "active"
+
+    def stop_user(self, uid: int, unit: str, timeout: float) -> None:
+        self.calls.append(("stop-user", f"{uid}:{unit}"))
+        self._user_spec(uid, unit, "stop")
+        self._set_user(uid, unit, False)
+
+    def start_user(self, uid: int, unit: str, timeout: float) -> None:
+        self.calls.append(("start-user", f"{uid}:{unit}"))
+        self._user_spec(uid, unit, "start")
+        self._set_user(uid, unit, True)
+
+    def _user_spec(self, uid: int, unit: str, verb: str) -> list:
+        if not self.user_manager_running(uid):
+            raise CommandFailed(f"systemctl --user --machine={uid}@.host {verb} {unit} failed: "
+                                "Failed to connect to bus: No medium found")
+        spec = load_world(self.root).get("user_units", {}).get(str(uid), {}).get(unit)
+        if spec is None:
+            raise CommandFailed(f"systemctl --user --machine={uid}@.host {verb} {unit} failed: "
+                                f"Unit {unit} not found.")
+        return spec
+
+    def _set_user(self, uid: int, unit: str, active: bool) -> None:
+        state = self.root / UNIT_STATE / f"user-{uid}" / unit
+        if state.exists() and (state.read_text().strip() == "active") == active:
+            return
+        for proc in load_world(self.root)["user_units"][str(uid)][unit]:
+            (spawn_process if active else lambda root, p: kill_process(root, p["pid"]))(self.root, proc)
+        write(state, "active\n" if active else "inactive\n")
+
+    # --- logind sessions ----------------------------------------------------------------------------
     def _sessions_of(self, unit: str) -> list[str]:
         sessions = load_world(self.root).get("sessions", {})
         return sorted(sid for sid, spec in sessions.items() if spec.get("unit") == unit)
@@ -93,6 +141,15 @@ class FakeServices:
         unlink(self.root / "run/systemd/sessions" / sid)
         for pid in (1, LOGIND_PID):
             close_files(self.root, pid, session_device_file(sid, ""))
+        # The user's last session gone: without linger, logind stops the user's manager (after
+        # UserStopDelaySec; at once here).
+        uid = world.get("sessions", {}).get(sid, {}).get("uid")
+        if uid is not None and not world.get("linger", {}).get(str(uid), True) and self.user_manager_running(uid):
+            others = [s for s, spec in world.get("sessions", {}).items()
+                      if s != sid and spec["uid"] == uid and (self.root / "run/systemd/sessions" / s).exists()]
+            if not others:
+                self.stop(f"user@{uid}.service", 0)
+                self.calls.pop()
 
     def _begin_session(self, sid: str) -> None:
         """A display manager's autologin: the same session again, its devices taken through logind."""
@@ -104,6 +161,9 @@ class FakeServices:
                 open_fd(self.root, pid, node, session_device_file(sid, node))
         for proc in world.get("session_processes", {}).get(sid, []):
             spawn_process(self.root, proc)
+        if str(spec["uid"]) in world.get("linger", {}) and not self.user_manager_running(spec["uid"]):
+            self.start(f"user@{spec['uid']}.service", 0)
+            self.calls.pop()
 
 
     # --- unit properties (AllowedCPUs) --------------------------------------------------------------------

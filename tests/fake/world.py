@@ -16,6 +16,7 @@ WORLD = ".fake/world.json"
 STATE = ".fake/state"  # fake-only bookkeeping, not part of what a host shows
 FILES = ".fake/files"  # <pid>/<fd>: which open file a descriptor is (what kcmp compares)
 LOGIND_PID = 480
+UNIT_STATE = "run/fake-systemd"  # <unit>, user-<uid>/<unit>: "active" or "inactive"
 
 
 def session_device_file(sid: str, node: str) -> str:

@@ -1,0 +1,170 @@
+"""User units and the GPU's audio function on a systemd desktop: what stops with the session, what is refused."""
+
+from __future__ import annotations
+
+from janus_hooks.host.runner import Result
+from janus_hooks.host.services import SystemdServices
+from tests.conftest import FAST_TIMEOUTS, domain_xml
+from tests.core.helpers import assert_same_tree
+from tests.fake import hosts
+from tests.fake.builder import HostBuilder
+from tests.fake.world import load_world, save_world
+
+XML = domain_xml(hostdevs=hosts.DESKTOP_FUNCTIONS)
+SECOND = domain_xml("games", hostdevs=(hosts.SECOND_GPU,), mode="passthrough")
+
+
+def _add_user_unit(root, unit: str, procs: list[dict]) -> None:
+    """One more unit in user 1000's systemd instance, running."""
+    world = load_world(root)
+    slice_ = "app.slice" if unit.startswith("app-") else "session.slice"
+    base = f"/user.slice/user-1000.slice/user@1000.service/{slice_}"
+    world["user_units"]["1000"][unit] = [{**p, "uid": 1000, "cgroup": f"{base}/{unit}"} for p in procs]
+    save_world(root, world)
+    (root / "run/fake-systemd/user-1000" / unit).write_text("active\n")
+    for p in world["user_units"]["1000"][unit]:
+        HostBuilder(root).process(p["pid"], p["comm"], p["fds"], cgroup=p["cgroup"], uid=1000)
+
+
+def test_lingering_user_units_holding_the_audio_stop_and_start_again(fake):
+    def build(root):
+        hosts.systemd_desktop(root, linger=True)
+        # A player started from the user's systemd instance holds the PCM.
+        _add_user_unit(root, "app-player.scope", [{"pid": 1300, "comm": "pw-play", "fds": ["/dev/snd/pcmC0D0p"]}])
+        return root
+
+    h = fake(build)
+    before = h.snapshot()
+    assert h.hook("win11", "prepare", "begin", XML) == (0, "")
+    assert h.driver(hosts.DESKTOP_AUDIO) == "vfio-pci"
+    # The manager outlived the session: janus stopped the units that held the card, and only those.
+    assert ("stop-user", "1000:wireplumber.service") in h.services.calls
+    assert ("stop-user", "1000:app-player.scope") in h.services.calls
+    assert ("stop-user", "1000:pipewire.service") not in h.services.calls
+    assert (h.root / "proc/1210").is_dir()  # pipewire held only /dev/snd/seq
+    assert h.hook("win11", "release", "end", XML) == (0, "")
+    assert ("start-user", "1000:wireplumber.service") in h.services.calls
+    assert_same_tree(before, h.snapshot())
+
+
+def test_without_linger_the_manager_goes_with_the_session_and_comes_back_with_the_next(fake):
+    h = fake(hosts.systemd_desktop)
+    before = h.snapshot()
+    assert h.hook("win11", "prepare", "begin", XML) == (0, "")
+    assert not (h.root / "proc/1211").exists()
+    assert h.hook("win11", "release", "end", XML) == (0, "")
+    # Nothing to start by hand: the manager was gone; greetd's autologin brought it back with its units.
+    assert not any(call[0] == "start-user" for call in h.services.calls)
+    assert_same_tree(before, h.snapshot())
+
+
+def test_audio_held_outside_any_session_is_refused_naming_the_process(fake):
+    def build(root):
+        hosts.systemd_desktop(root)
+        HostBuilder(root).process(4242, "aplay", ["/dev/snd/pcmC0D0p"], cgroup="/system.slice/alarm.service")
+        return root
+
+    h = fake(build)
+    before = h.snapshot()
+    code, err = h.hook("win11", "prepare", "begin", XML)
+    assert (code, err) == (1, "janus-hooks: VM 'win11': audio function 0000:00:02.1 is held by pid 4242 (aplay) via "
+                              "/dev/snd/pcmC0D0p (unit alarm.service), which janus-hooks may not stop; close it or "
+                              "list its unit in display.stop_units")
+    assert h.services.calls == []
+    assert_same_tree(before, h.snapshot())
+
+
+def test_user_unit_of_a_user_without_graphical_session_is_refused_with_the_user_setting(fake):
+    def build(root):
+        hosts.systemd_desktop(root, linger=True)
+        return root
+
+    h = fake(build)
+    # The session ended earlier; the lingering manager's WirePlumber still holds the card's control node.
+    h.services.terminate_session("1", 1)
+    h.services.calls.clear()
+    before = h.snapshot()
+    code, err = h.hook("win11", "prepare", "begin", XML)
+    assert (code, err) == (1, "janus-hooks: VM 'win11': audio function 0000:00:02.1 is held by pid 1211 (wireplumber) "
+                              "via /dev/snd/controlC0 (user unit wireplumber.service of uid 1000), which janus-hooks "
+                              "may not stop; close it or list its unit in display.stop_user_units "
+                              "(display.stop_units is for system units)")
+    assert_same_tree(before, h.snapshot())
+    h.config(FAST_TIMEOUTS + '[display]\nstop_user_units = ["wireplumber.service"]\n')
+    assert h.hook("win11", "prepare", "begin", XML) == (0, "")
+    assert h.hook("win11", "release", "end", XML) == (0, "")
+    assert h.services.calls == [("stop", "greetd.service"), ("stop-user", "1000:wireplumber.service"),
+                                ("start-user", "1000:wireplumber.service"), ("start", "greetd.service")]
+
+
+def _sunshine(root):
+    hosts.systemd_desktop(root, second_gpu=True, linger=True)
+    _add_user_unit(root, "sunshine.service", [{"pid": 1400, "comm": "sunshine", "fds": ["/dev/dri/card1"]}])
+    return root
+
+
+def test_second_gpu_held_by_a_user_unit_is_refused_with_both_remedies(fake):
+    h = fake(_sunshine)
+    before = h.snapshot()
+    code, err = h.hook("games", "prepare", "begin", SECOND)
+    assert code == 1
+    assert err == ("janus-hooks: VM 'games': GPU 0000:00:03.0 is held by pid 1400 (sunshine) via /dev/dri/card1 "
+                   "(user unit sunshine.service of uid 1000), which janus-hooks may not stop; close it or list its "
+                   "unit in display.stop_user_units (display.stop_units is for system units); or tell the "
+                   "compositor to leave this card alone (GNOME: the mutter-device-ignore udev tag; KDE: "
+                   "KWIN_DRM_DEVICES)")
+    assert_same_tree(before, h.snapshot())
+
+
+def test_second_gpu_freed_by_stop_user_units_and_the_desktop_stays(fake):
+    h = fake(_sunshine)
+    h.config(FAST_TIMEOUTS + '[display]\nstop_user_units = ["sunshine.service"]\n')
+    before = h.snapshot()
+    assert h.hook("games", "prepare", "begin", SECOND) == (0, "")
+    assert h.driver(hosts.SECOND_GPU) == "vfio-pci"
+    assert h.services.calls == [("stop-user", "1000:sunshine.service")]
+    assert (h.root / "proc/1150").is_dir()  # weston on the first card is untouched
+    assert h.hook("games", "release", "end", SECOND) == (0, "")
+    assert h.services.calls[-1] == ("start-user", "1000:sunshine.service")
+    assert_same_tree(before, h.snapshot())
+
+
+def test_second_gpu_that_the_compositor_merely_has_open_is_not_the_host_display(fake):
+    def build(root):
+        hosts.systemd_desktop(root, second_gpu=True)
+        # weston opened card1 too, as compositors do with every card of the seat.
+        HostBuilder(root).process(1151, "weston", ["/dev/dri/card1"],
+                                  cgroup="/user.slice/user-1000.slice/session-1.scope", uid=1000)
+        return root
+
+    h = fake(build)
+    code, err = h.hook("games", "prepare", "begin", SECOND)
+    assert code == 1
+    assert "drives the host display" not in err
+    assert err.startswith("janus-hooks: VM 'games': GPU 0000:00:03.0 is held by pid 1151 (weston) via /dev/dri/card1")
+    assert err.endswith("or tell the compositor to leave this card alone (GNOME: the mutter-device-ignore udev tag; "
+                        "KDE: KWIN_DRM_DEVICES)")
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, ...]] = []
+
+    def run(self, argv, timeout):
+        self.calls.append(tuple(argv))
+        return Result(tuple(argv), 0, "", "")
+
+
+def test_user_units_are_reached_through_the_system_bus_as_root():
+    runner = _Recorder()
+    services = SystemdServices(runner)
+    services.stop_user(1000, "pipewire.service", 5)
+    services.start_user(1000, "pipewire.service", 5)
+    assert services.user_is_active(1000, "pipewire.service")
+    assert services.user_manager_running(1000)
+    assert runner.calls == [
+        ("systemctl", "--user", "--machine=1000@.host", "stop", "pipewire.service"),
+        ("systemctl", "--user", "--machine=1000@.host", "start", "pipewire.service"),
+        ("systemctl", "--user", "--machine=1000@.host", "is-active", "--quiet", "pipewire.service"),
+        ("systemctl", "is-active", "--quiet", "user@1000.service"),
+    ]
