@@ -220,7 +220,8 @@ def summarize_imports(hook_traces: list[str], floor_trace: str) -> dict[str, Any
     """What the hook imports beyond the interpreter's floor: by top-level importer, janus' own module bodies,
     and the standard-library modules janus imports directly (≥ 1 ms)."""
     floor = {line[1] for line in import_lines(floor_trace)}
-    tops = [n for n in import_tree(least_of(hook_traces)) if n[1] not in floor]
+    # The seam client is the bench's, not the hook's (its import is timed and subtracted).
+    tops = [n for n in import_tree(least_of(hook_traces)) if n[1] not in floor and not n[1].startswith("bench")]
     janus_self, direct = 0.0, {}
 
     def walk(node: tuple, parent: str) -> None:
@@ -236,6 +237,7 @@ def summarize_imports(hook_traces: list[str], floor_trace: str) -> dict[str, Any
     for top in tops:
         walk(top, "")
     return {
+        "janus_modules": [line[1] for line in import_lines(hook_traces[0]) if line[1].startswith("janus_hooks")],
         "total_ms": sum(n[3] for n in tops),
         "top_level": [(n[1], n[3]) for n in sorted(tops, key=lambda n: -n[3])],
         "janus_module_bodies_ms": janus_self,
@@ -244,14 +246,56 @@ def summarize_imports(hook_traces: list[str], floor_trace: str) -> dict[str, Any
     }
 
 
+# Run in a child: how many dataclasses importing janus' slow-path modules creates, and what one costs here.
+DATACLASS_PROBE = """
+import dataclasses, json, sys, time
+sys.path.insert(0, {repo!r})
+created = []
+process_class = dataclasses._process_class
+def counting(cls, *args, **kwargs):
+    created.append(cls.__module__ + "." + cls.__qualname__)
+    return process_class(cls, *args, **kwargs)
+dataclasses._process_class = counting
+for name in {modules!r}:
+    __import__(name)
+dataclasses._process_class = process_class
+best = 1.0
+for _ in range(5):
+    start = time.perf_counter()
+    for _ in range(50):
+        @dataclasses.dataclass(frozen=True)
+        class Probe:
+            a: str
+            b: str = ""
+            c: int = 0
+            d: tuple = ()
+    best = min(best, (time.perf_counter() - start) / 50)
+print(json.dumps({{"classes": len(created), "seconds_each": best}}))
+"""
+
+
+def dataclass_tax(modules: list[str]) -> dict[str, Any]:
+    """Dataclasses created by importing ``modules`` (counted, in a child process) and the least cost of
+    creating one frozen 4-field dataclass there: what that style costs each hook start."""
+    proc = subprocess.run([VENV_PYTHON, "-I", "-S", "-c", DATACLASS_PROBE.format(repo=str(REPO), modules=modules)],  # noqa: S603
+                          capture_output=True, text=True, env=HOOK_ENV, timeout=SPAWN_TIMEOUT, check=False)
+    if proc.returncode != 0:
+        raise BenchError(f"counting the slow path's dataclasses failed: {proc.stderr.strip().splitlines()[-1:]}")
+    info = json.loads(proc.stdout)
+    return {"classes": info["classes"], "ms_each": info["seconds_each"] * 1000,
+            "ms_total": info["classes"] * info["seconds_each"] * 1000}
+
+
 def _imports_note(info: dict[str, Any]) -> str:
     tops = ", ".join(f"{name} {ms:.1f}" for name, ms in info["top_level"] if ms >= 0.5)
     stdlib = ", ".join(f"{name} {ms:.1f} (from {parent})" for name, ms, parent in info["stdlib_by_janus"])
+    dc = info["dataclasses"]
     return (f"imports beyond the floor's, least of {TRACED_RUNS} prepares under -X importtime (inflated by the "
             f"tracing): "
             f"{info['total_ms']:.1f} ms; top-level: {tops}; of which janus' own module bodies "
             f"{info['janus_module_bodies_ms']:.1f} ms; stdlib modules janus imports first (>= 1 ms): "
-            f"{stdlib or 'none'}")
+            f"{stdlib or 'none'}; dataclasses created by these imports: {dc['classes']}, one costs "
+            f"{dc['ms_each']:.2f} ms here (least of 5 x 50 creations, untraced): about {dc['ms_total']:.1f} ms")
 
 
 def children_cpu() -> float:
@@ -351,6 +395,7 @@ def measure(scratch: Path, runs: int, warmup: int) -> list[Row]:
     floor_trace = subprocess.run([*FLOOR_ARGV[:3], "-X", "importtime", "-c", "pass"], capture_output=True,  # noqa: S603
                                  text=True, env=HOOK_ENV, timeout=SPAWN_TIMEOUT, check=False).stderr
     imports = summarize_imports(traces, floor_trace)
+    imports["dataclasses"] = dataclass_tax(imports["janus_modules"])
 
     floor_label = "python3 -I -S -c pass"
     rows = []
