@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from janus_hooks.config import Config, load_config
+from janus_hooks.cpuset import format_cpulist
 from janus_hooks.domain import MODES, DomainSpec, HostDev
 from janus_hooks.errors import JanusError
 from janus_hooks.gpu import quirks
@@ -303,6 +304,41 @@ def host_checks(host: Host, probe: Probe, config_error: str | None) -> list[Chec
     return checks
 
 
+# --- CPU isolation ------------------------------------------------------------------------------------------
+def cpu_checks(host: Host, config: Config, claims: dict[str, frozenset[int]]) -> list[Check]:
+    """Whether isolation can work here, and for each running isolated VM: its cores, SMT siblings it
+    leaves to the host, cores it shares with another running VM. Silent on a host that neither can nor
+    is asked to isolate."""
+    cgroup2 = host.cgroup2()
+    if not cgroup2 and not claims:
+        if config.cpu.isolate:
+            return [Check("isolation", WARN, "cpu.isolate is on, but this host has no cgroup v2 (unified) "
+                                             "hierarchy: VMs start without CPU isolation")]
+        return []
+    online = host.cpus_online()
+    how = ("systemd AllowedCPUs on system.slice, user.slice, init.scope" if host.systemd_running()
+           else "cpuset.cpus of the top-level cgroups")
+    state = "on for every pinned VM" if config.cpu.isolate else "per VM (isolate=\"yes\")"
+    checks = [Check("isolation", OK, f"cgroup v2, {how}; {len(online)} cores online ({format_cpulist(online)}); "
+                                     f"{state}")]
+    for vm, cores in sorted(claims.items()):
+        host_cores = online - frozenset().union(*claims.values())
+        checks.append(Check("pinning", OK, f"VM {vm!r} runs isolated on cores {format_cpulist(cores)}; "
+                                           f"the host keeps {format_cpulist(host_cores) or 'no core'}"))
+        split = sorted({s for c in cores for s in host.cpu_siblings(c) if s not in cores})
+        if split:
+            checks.append(Check("smt", WARN, f"VM {vm!r}: SMT siblings {format_cpulist(split)} of its cores stay "
+                                             "with the host (they share caches and pipelines with the VM)"))
+    names = sorted(claims)
+    for i, first in enumerate(names):
+        for second in names[i + 1:]:
+            shared = claims[first] & claims[second]
+            if shared:
+                checks.append(Check("shared", WARN, f"cores {format_cpulist(shared)} are pinned by both running "
+                                                    f"VMs {first!r} and {second!r}"))
+    return checks
+
+
 def run_check(host: Host, probe: Probe, read_config: Callable[[], Config] | None = None) -> Report:
     """The whole check: host facts, then one snapshot and a verdict per GPU."""
     config_error = None
@@ -312,6 +348,7 @@ def run_check(host: Host, probe: Probe, read_config: Callable[[], Config] | None
         config, config_error = Config(), str(err)
     report = Report(host_checks(host, probe, config_error))
     store = JournalStore(host.state_dir())
+    report.checks += cpu_checks(host, config, store.cpu_claims(host.boot_id()))
     snap = HostSnapshot.read(host, claims=store.claims(), units_of_interest=config.stop_units)
     report.gpus = [gpu_verdict(snap, config, g) for g in gpus(snap)]
     if not report.gpus:

@@ -449,3 +449,36 @@ def test_after_a_reboot_the_isolation_steps_are_recognised_as_gone(pinned, tmp_p
     assert report.skipped_after_reboot == 9 and report.reverted == 0
     assert rebooted.kernel.ops == 0 and rebooted.services.calls == []
     assert rebooted.snapshot() == fresh
+
+
+# --- check --------------------------------------------------------------------------------------------------------
+def _cpu_checks(h: FakeHost) -> list[tuple[str, str, str]]:
+    from janus_hooks.check import Probe, run_check
+
+    janus = h.janus()
+    report = run_check(janus.host, Probe(h.runner, h.services, live=False))
+    return [(c.name, c.status, c.detail) for c in report.checks if c.name in ("isolation", "pinning", "smt", "shared")]
+
+
+def test_check_reports_running_vms_pins_smt_splits_and_shared_cores(pinned):
+    h = pinned()
+    assert _cpu_checks(h) == [("isolation", "ok", "cgroup v2, systemd AllowedCPUs on system.slice, user.slice, "
+                                                  "init.scope; 8 cores online (0-7); per VM (isolate=\"yes\")")]
+    assert h.hook("alpha", "prepare", "begin", vm_xml("alpha", vcpus="2,3")) == (0, "")
+    assert h.hook("beta", "prepare", "begin", vm_xml("beta", vcpus="3,7")) == (0, "")
+    assert _cpu_checks(h)[1:] == [
+        ("pinning", "ok", "VM 'alpha' runs isolated on cores 2-3; the host keeps 0-1,4-6"),
+        ("smt", "warn", "VM 'alpha': SMT siblings 6-7 of its cores stay with the host (they share caches and "
+                        "pipelines with the VM)"),
+        # Cores 3 and 7 are one physical core's two threads: nothing split.
+        ("pinning", "ok", "VM 'beta' runs isolated on cores 3,7; the host keeps 0-1,4-6"),
+        ("shared", "warn", "cores 3 are pinned by both running VMs 'alpha' and 'beta'"),
+    ]
+
+
+def test_check_is_silent_without_cgroup_v2_unless_isolation_is_asked_for(pinned, tmp_path):
+    h = pinned(cgroup2=False)
+    assert _cpu_checks(h) == []
+    h.config(CPU_ALL + "isolate = true\n")
+    assert _cpu_checks(h) == [("isolation", "warn", "cpu.isolate is on, but this host has no cgroup v2 (unified) "
+                                                    "hierarchy: VMs start without CPU isolation")]
