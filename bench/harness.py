@@ -22,7 +22,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import cli_rows, engine_rows, foreign, hook_rows, hugepage_rows, slowpath_rows
+from bench import cli_rows, engine_rows, foreign, hook_rows, hugepage_rows, isolation_rows, slowpath_rows
 from bench.common import REPO, VENV_PYTHON, fs_type
 from bench.stats import FAILED, NOT_AVAILABLE, OK, BenchError, Row
 
@@ -31,6 +31,7 @@ RUNS = {
     "hook": ((100, 5), (15, 2)),
     "engine": ((30, 3), (5, 1)),
     "slowpath": ((30, 3), (4, 1)),
+    "isolation": ((30, 3), (5, 1)),
     "hugepages": ((20, 2), (3, 1)),
     "cli": ((15, 2), (3, 1)),
     "libvirt": ((5, 0), (1, 0)),
@@ -48,6 +49,7 @@ def _measure_group(group: str, scratch: Path, runs: int, warmup: int) -> list[Ro
         "hook": lambda: hook_rows.measure(scratch, runs, warmup),
         "engine": lambda: engine_rows.measure(scratch, runs, warmup),
         "slowpath": lambda: slowpath_rows.measure(scratch, runs, warmup),
+        "isolation": lambda: isolation_rows.measure(scratch, runs, warmup),
         "hugepages": lambda: hugepage_rows.measure(scratch, runs, warmup),
         "cli": lambda: cli_rows.measure(scratch, runs, warmup),
         "libvirt": lambda: foreign.measure("libvirt", scratch, runs),

@@ -5,7 +5,8 @@ affinity, workqueue cpumasks, irqbalance) are shared by every running VM. So eac
 open journals, not from its own VM alone:
 - its captured ``original`` is the value before *any* VM narrowed it: a step inherits it from another open
   journal's step on the same setting, or reads the host when it is the first;
-- applying gives the host ``original`` minus the cores of every VM whose journal is open (this boot);
+- applying gives the host ``original`` minus the cores of every VM whose journal is open (this boot), as
+  captured (``held``): the engine holds the host-wide lock from capture to verify, so they cannot change;
 - reverting gives the host ``original`` minus the cores of the VMs still running, or ``original`` itself
   when this was the last one. One VM's release never gives back cores another still uses.
 Nothing here outlives a reboot (runtime-only systemd properties, kernel state), so the journal's
@@ -64,10 +65,6 @@ class SharedCpuStep(Action):
                 inherited = step.old
         return frozenset(held), inherited
 
-    def _host_cores(self, ctx: Context, held: frozenset[int]) -> frozenset[int]:
-        """What the host keeps while this VM and the ``held`` others run."""
-        return ctx.host.cpus_online() - set(self.cores) - held
-
 
 @dataclass(frozen=True)
 class _CpuSetStep(SharedCpuStep):
@@ -96,15 +93,16 @@ class _CpuSetStep(SharedCpuStep):
         current = self._read(ctx)
         if current is None:
             raise StepFailed(f"{self._where(ctx)} cannot be read")
-        _held, inherited = self._elsewhere(ctx)
-        return {"original": inherited["original"] if inherited else current, "value": current}
+        held, inherited = self._elsewhere(ctx)
+        return {"original": inherited["original"] if inherited else current, "value": current,
+                "held": sorted(held)}
 
     def _target(self, ctx: Context, original: str, held: frozenset[int], ours: bool) -> frozenset[int]:
         excluded = held | (set(self.cores) if ours else set())
         return self._parse(ctx, original) & (ctx.host.cpus_online() - excluded)
 
     def apply(self, ctx: Context, old: dict[str, Any]) -> dict[str, Any]:
-        held, _ = self._elsewhere(ctx)
+        held = frozenset(old["held"])
         target = self._target(ctx, old["original"], held, ours=True)
         if not target:
             raise StepFailed(f"{self._where(ctx)}: cores {_cores(self.cores)} of VM {self.vm!r} and "
@@ -114,8 +112,7 @@ class _CpuSetStep(SharedCpuStep):
         return {"target": format_cpulist(target)}
 
     def verify(self, ctx: Context, old: dict[str, Any]) -> None:
-        held, _ = self._elsewhere(ctx)
-        target = self._target(ctx, old["original"], held, ours=True)
+        target = self._target(ctx, old["original"], frozenset(old["held"]), ours=True)
         self._wait_for(ctx, target)
 
     def _wait_for(self, ctx: Context, target: frozenset[int]) -> None:
@@ -272,7 +269,7 @@ class MoveIrqs(SharedCpuStep):
         return f"move IRQ affinities off cores {_cores(self.cores)}"
 
     def capture(self, ctx: Context) -> dict[str, Any]:
-        _held, inherited = self._elsewhere(ctx)
+        held, inherited = self._elsewhere(ctx)
         earlier = inherited["original"] if inherited else {}
         original = {}
         for irq in ctx.host.irqs():
@@ -280,7 +277,7 @@ class MoveIrqs(SharedCpuStep):
             if value is not None:
                 # An IRQ registered since the first VM started: its current value is its original.
                 original[str(irq)] = earlier.get(str(irq), value)
-        return {"original": original}
+        return {"original": original, "held": sorted(held)}
 
     def _target(self, ctx: Context, original: str, excluded: frozenset[int]) -> frozenset[int]:
         online = ctx.host.cpus_online()
@@ -289,8 +286,7 @@ class MoveIrqs(SharedCpuStep):
         return target or online - excluded
 
     def apply(self, ctx: Context, old: dict[str, Any]) -> dict[str, Any]:
-        held, _ = self._elsewhere(ctx)
-        excluded = held | set(self.cores)
+        excluded = frozenset(old["held"]) | set(self.cores)
         refused = []
         for irq, original in old["original"].items():
             current = ctx.host.irq_affinity(int(irq))
