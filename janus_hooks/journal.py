@@ -20,10 +20,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from janus_hooks.actions import Action, action_from_json
-from janus_hooks.errors import JournalError, LockBusy
+from janus_hooks.actions import Action, action_from_json, old_from_json
+from janus_hooks.errors import JanusError, JournalError, LockBusy
 from janus_hooks.files import check_trusted, ensure_private_dir, fsync_dir
 from janus_hooks.layout import vm_filename, vm_from_filename
+from janus_hooks.schema import (
+    BOOT_ID,
+    PCI_ADDRESS,
+    SchemaError,
+    integer,
+    list_of,
+    number,
+    pattern,
+    quote,
+    record,
+)
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +129,8 @@ class JournalStore:
         return writer
 
     def append_writer(self, vm: str) -> JournalWriter:
+        """Append to an existing journal (reverted records), its torn tail cut off first."""
+        repair_tail(self.path(vm))
         return JournalWriter(self.path(vm), create=False)
 
     def read(self, vm: str) -> JournalState | None:
@@ -126,7 +139,21 @@ class JournalStore:
             return None
         check_trusted(self.dir)
         check_trusted(path)
-        return parse_journal(path)
+        return parse_journal(path, vm)
+
+    def read_each(self, names: list[str] | None = None) -> tuple[list[JournalState], dict[str, str]]:
+        """Every journal (or those of ``names``) that can be read, and one line per VM whose cannot: a bad
+        journal is reported on its own, never hiding the others."""
+        states, problems = [], {}
+        for vm in self.vms() if names is None else names:
+            try:
+                state = self.read(vm)
+            except JanusError as err:
+                problems[vm] = str(err)
+                continue
+            if state is not None:
+                states.append(state)
+        return states, problems
 
     def remove(self, vm: str) -> None:
         path = self.path(vm)
@@ -175,7 +202,12 @@ class JournalStore:
         for vm in self.vms():
             if vm == except_vm:
                 continue
-            state = self.read(vm)
+            try:
+                state = self.read(vm)
+            except JanusError as err:
+                # One bad journal blocks only its own VM; what it holds is unknown here.
+                log.warning("%s; its steps are not counted", err)
+                continue
             if state is not None and state.boot_id == boot_id:
                 found += [(vm, step) for step in state.open_steps]
         return found
@@ -190,16 +222,42 @@ class JournalStore:
         return claimed
 
     def claims(self, except_vm: str | None = None) -> dict[str, str]:
-        """PCI addresses that other VMs' open journals hold: {address: vm}."""
+        """PCI addresses that other VMs' open journals hold: {address: vm}.
+
+        A journal that cannot be read blocks only its own VM: its devices still count as claimed when its
+        first record names them, and the others' starts go on either way.
+        """
         claimed = {}
         for vm in self.vms():
             if vm == except_vm:
                 continue
-            state = self.read(vm)
-            if state is not None:
-                for address in state.devices:
-                    claimed[address] = vm
+            try:
+                state = self.read(vm)
+                devices = state.devices if state is not None else ()
+            except JanusError as err:
+                devices = self.devices_of_unreadable(vm)
+                log.warning("%s; counting %s as its VM's", err, ", ".join(devices) or "no device")
+            for address in devices:
+                claimed[address] = vm
         return claimed
+
+    def devices_of_unreadable(self, vm: str) -> tuple[str, ...]:
+        """The devices a journal's begin record names, when the rest of it cannot be used (or ())."""
+        try:
+            with self.path(vm).open("rb") as fh:
+                head = json.loads(fh.readline(65536).decode(), parse_constant=_refuse_constant)
+            return record(_BEGIN, head, set(_BEGIN))["devices"] if isinstance(head, dict) else ()
+        except (OSError, ValueError):
+            return ()
+
+    def discard(self, vm: str) -> Path:
+        """Move a journal aside (journal/discarded/<name>.<time>.jsonl): the VM's changes are no longer
+        tracked, the file stays for a person to read. Call with the lock held."""
+        target_dir = ensure_private_dir(self.dir / "discarded")
+        target = target_dir / f"{vm_filename(vm)}.{time.strftime('%Y%m%dT%H%M%S')}{SUFFIX}"
+        os.rename(self.path(vm), target)
+        fsync_dir(self.dir)
+        return target
 
 
 class JournalWriter:
@@ -253,41 +311,126 @@ class JournalWriter:
         self.close()
 
 
-def parse_journal(path: Path) -> JournalState:
-    """Read a journal; a torn last line (a crash mid-append) is ignored, a torn line elsewhere is an error."""
-    try:
-        lines = path.read_bytes().split(b"\n")
-    except OSError as err:
-        raise JournalError(f"cannot read journal {path}: {err.strerror}") from err
+MAX_JOURNAL_BYTES = 4 << 20  # a plan is tens of records: anything this large was not written by janus-hooks
+MAX_STEP = 100_000
+
+_BEGIN = {"type": pattern("begin", "begin"), "vm": pattern(r"[^\x00-\x1f]+", "a VM name", 1024),
+          "boot_id": BOOT_ID, "devices": list_of(PCI_ADDRESS), "time": number(0, 1e11),
+          "pid": integer(1, 1 << 22)}
+_STEP = integer(0, MAX_STEP)
+_INTENT = {"type": lambda v: v, "step": _STEP, "action": lambda v: v, "old": lambda v: v, "time": number(0, 1e11)}
+_DONE = {"type": lambda v: v, "step": _STEP, "ms": number(0, 1e9), "result": lambda v: v}
+_REVERTED = {"type": lambda v: v, "step": _STEP}
+_COMPLETE = {"type": lambda v: v}
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _records(path: Path, data: bytes) -> list[tuple[int, Any]]:
+    """(line number, decoded object) per complete line. Each record is one write() of a line and its
+    newline, so a crash mid-append leaves a last piece without a newline: that torn record is left out."""
+    lines = data.split(b"\n")
+    if lines.pop().strip():
+        log.warning("journal %s: ignoring a torn last record", path)
     records = []
-    for number, raw in enumerate(lines, 1):
+    for line_no, raw in enumerate(lines, 1):
         if not raw.strip():
             continue
         try:
-            records.append(json.loads(raw))
+            records.append((line_no, json.loads(raw.decode(), parse_constant=_refuse_constant)))
         except ValueError as err:
-            if number >= len(lines) - 1:  # the last line (the split leaves "" after a final newline)
-                log.warning("journal %s: ignoring torn last record", path)
-                break
-            raise JournalError(f"journal {path} line {number} is corrupt") from err
-    if not records or records[0].get("type") != "begin":
+            raise JournalError(f"journal {path} line {line_no} is not a JSON record") from err
+    return records
+
+
+def parse_journal(path: Path, vm: str | None = None) -> JournalState:
+    """Read a journal, every record checked against its closed schema before anything is replayed.
+
+    A torn last record (a crash mid-append: no final newline) is ignored; anything else that does not fit
+    (a torn line in the middle, an unknown record type or action kind, a field of the wrong type, a unit,
+    module or device name that is not one, a program path that is not absolute) is refused naming the
+    file and line.
+    """
+    try:
+        with path.open("rb") as fh:
+            data = fh.read(MAX_JOURNAL_BYTES + 1)
+    except OSError as err:
+        raise JournalError(f"cannot read journal {path}: {err.strerror}") from err
+    if len(data) > MAX_JOURNAL_BYTES:
+        raise JournalError(f"journal {path} is larger than {MAX_JOURNAL_BYTES >> 20} MiB; not a janus-hooks journal")
+    records = _records(path, data)
+    if not records:
         raise JournalError(f"journal {path} has no begin record")
-    head = records[0]
-    state = JournalState(head["vm"], head["boot_id"], head["time"], tuple(head.get("devices", ())))
+    number, head = records[0]
+    try:
+        if not isinstance(head, dict) or head.get("type") != "begin":
+            raise SchemaError("the first record is not a begin record")
+        begin = record(_BEGIN, head, set(_BEGIN))
+        if vm is not None and begin["vm"] != vm:
+            raise SchemaError(f"it names VM {quote(begin['vm'])}, not the VM of its file name")
+    except SchemaError as err:
+        raise JournalError(f"journal {path} line {number}: {err}") from None
+    state = JournalState(begin["vm"], begin["boot_id"], begin["time"], begin["devices"])
     by_index: dict[int, Step] = {}
-    for record in records[1:]:
-        kind = record.get("type")
-        if kind == "intent":
-            step = Step(record["step"], action_from_json(record["action"]), record["old"], record["time"])
-            by_index[step.index] = step
-            state.steps.append(step)
-        elif kind in ("done", "reverted") and record.get("step") in by_index:
-            step = by_index[record["step"]]
-            if kind == "done":
-                step.done, step.duration_ms = True, record.get("ms")
-                step.old = {**step.old, **record.get("result", {})}
-            else:
-                step.reverted = True
-        elif kind == "complete":
-            state.complete = True
+    for number, raw in records[1:]:
+        try:
+            _apply_record(state, by_index, raw)
+        except SchemaError as err:
+            raise JournalError(f"journal {path} line {number}: {err}") from None
     return state
+
+
+def _apply_record(state: JournalState, by_index: dict[int, Step], raw: Any) -> None:
+    kind = raw.get("type") if isinstance(raw, dict) else None
+    if kind == "intent":
+        rec = record(_INTENT, raw, set(_INTENT))
+        if rec["step"] in by_index:
+            raise SchemaError(f"step {rec['step']} appears twice")
+        action = action_from_json(rec["action"])
+        step = Step(rec["step"], action, old_from_json(action, rec["old"]), rec["time"])
+        by_index[step.index] = step
+        state.steps.append(step)
+        return
+    if kind in ("done", "reverted"):
+        rec = record(_DONE if kind == "done" else _REVERTED, raw, {"type", "step"})
+        step = by_index.get(rec["step"])
+        if step is None:
+            raise SchemaError(f"{kind} for step {rec['step']}, which has no intent")
+        if kind == "reverted":
+            step.reverted = True
+        else:
+            step.done, step.duration_ms = True, rec.get("ms")
+            step.old = {**step.old, **old_from_json(step.action, rec.get("result", {}))}
+        return
+    if kind == "complete":
+        record(_COMPLETE, raw)
+        state.complete = True
+        return
+    raise SchemaError(f"unknown record type {quote(kind)}")
+
+
+def repair_tail(path: Path) -> bool:
+    """Cut a torn last record off before appending after it (else it would glue onto the next record and
+    turn the journal corrupt for good). Returns whether anything was cut."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as err:
+        raise JournalError(f"cannot open journal {path}: {err.strerror}") from err
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return False
+        data = os.pread(fd, min(size, MAX_JOURNAL_BYTES + 1), max(0, size - MAX_JOURNAL_BYTES - 1))
+        keep = size if data.endswith(b"\n") else size - len(data) + data.rfind(b"\n") + 1
+        if keep == size:
+            return False
+        log.warning("journal %s: cutting a torn last record (%d bytes)", path, size - keep)
+        os.ftruncate(fd, keep)
+        os.fsync(fd)
+        return True
+    except OSError as err:
+        raise JournalError(f"cannot repair journal {path}: {err.strerror}") from err
+    finally:
+        os.close(fd)

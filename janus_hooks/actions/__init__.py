@@ -1,6 +1,6 @@
 """One small class per kind of change. Importing this package registers every kind for the journal."""
 
-from janus_hooks.actions.base import Action, Context, action_from_json, wait_until
+from janus_hooks.actions.base import Action, Context, action_from_json, action_kinds, old_from_json, wait_until
 from janus_hooks.actions.console import DetachFramebuffer, UnbindVtconsole
 from janus_hooks.actions.cpu import (
     MoveIrqs,
@@ -40,5 +40,7 @@ __all__ = [
     "UnloadModule",
     "WaitReleased",
     "action_from_json",
+    "action_kinds",
+    "old_from_json",
     "wait_until",
 ]

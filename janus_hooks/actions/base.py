@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
 from janus_hooks.config import Config
 from janus_hooks.errors import StepFailed
 from janus_hooks.host import Host, Runner, Services, SubprocessRunner, SystemdServices
+from janus_hooks.schema import Schema, SchemaError, record
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +64,17 @@ class Action:
     kind: ClassVar[str] = ""
     # A persistent change outlives a reboot and must be reverted even when the boot id changed.
     persistent: ClassVar[bool] = False
+    # What a journal may hold for this kind, declared next to the code that acts on it: ``schema`` for the
+    # action's own fields, ``old_schema`` for what ``capture`` and ``apply`` return. A journal record is
+    # replayed as root, so anything outside these is refused before anything runs.
+    schema: ClassVar[Schema] = {}
+    old_schema: ClassVar[Schema] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if cls.kind:
+            if "schema" not in cls.__dict__ or "old_schema" not in cls.__dict__:
+                raise TypeError(f"action kind {cls.kind!r} ({cls.__name__}) must declare schema and old_schema")
             _REGISTRY[cls.kind] = cls
 
     def describe(self) -> str:
@@ -97,11 +105,31 @@ class Action:
         return {"kind": self.kind, **data}
 
 
-def action_from_json(data: dict[str, Any]) -> Action:
+def action_kinds() -> dict[str, type[Action]]:
+    """Every registered action kind: what a journal may name."""
+    return dict(_REGISTRY)
+
+
+def action_from_json(data: Any) -> Action:
+    """The action a journal record names, checked against its kind's closed schema (SchemaError if not)."""
+    if not isinstance(data, dict):
+        raise SchemaError(f"action must be an object, not {type(data).__name__}")
     data = dict(data)
+    kind = data.pop("kind", None)
+    cls = _REGISTRY.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise SchemaError(f"unknown action kind {kind!r}"[:80])
+    # Fields with a default may be absent (a journal written before the field existed).
+    required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
     try:
-        cls = _REGISTRY[data.pop("kind")]
-    except KeyError as err:
-        raise StepFailed(f"unknown action kind {err.args[0]!r} in journal") from err
-    fields_ = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-    return cls(**fields_)
+        return cls(**record(cls.schema, data, required))
+    except SchemaError as err:
+        raise SchemaError(f"{kind}: {err}") from None
+
+
+def old_from_json(action: Action, data: Any) -> dict[str, Any]:
+    """Captured state (or what ``apply`` learned) for ``action``, checked against its ``old_schema``."""
+    try:
+        return record(action.old_schema, data)
+    except SchemaError as err:
+        raise SchemaError(f"{action.kind} state: {err}") from None

@@ -8,6 +8,7 @@ from typing import Any
 
 from janus_hooks.actions.base import Action, Context, wait_until
 from janus_hooks.errors import StepFailed
+from janus_hooks.schema import DRIVER, FRAMEBUFFER, VTCONSOLE, boolean, optional
 
 log = logging.getLogger(__name__)
 
@@ -15,6 +16,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class UnbindVtconsole(Action):
     kind = "unbind-vtconsole"
+    schema = {"name": VTCONSOLE}
+    old_schema = {"bound": boolean}
     name: str  # vtcon0
 
     def describe(self) -> str:
@@ -65,6 +68,8 @@ class UnbindVtconsole(Action):
 @dataclass(frozen=True)
 class DetachFramebuffer(Action):
     kind = "detach-framebuffer"
+    schema = {"device": FRAMEBUFFER, "driver": DRIVER}
+    old_schema = {"driver": optional(DRIVER)}
     device: str  # efi-framebuffer.0
     driver: str  # efi-framebuffer, simple-framebuffer, simpledrm, vesa-framebuffer
 

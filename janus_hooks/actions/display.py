@@ -9,6 +9,7 @@ from typing import Any
 from janus_hooks.actions.base import Action, Context, wait_until
 from janus_hooks.errors import StepFailed
 from janus_hooks.host.runner import check
+from janus_hooks.schema import DEV_NODE, SESSION, UNIT, argv, boolean, integer, list_of
 
 log = logging.getLogger(__name__)
 
@@ -16,6 +17,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class StopUnit(Action):
     kind = "stop-unit"
+    schema = {"unit": UNIT}
+    old_schema = {"active": boolean}
     unit: str
 
     def describe(self) -> str:
@@ -42,6 +45,8 @@ class EndSession(Action):
     """A graphical logind session that holds the GPU. Nothing to undo: the display manager comes back."""
 
     kind = "end-session"
+    schema = {"session": SESSION, "user": integer(0, 2**32 - 1)}
+    old_schema = {"present": boolean}
     session: str
     user: int
 
@@ -107,6 +112,8 @@ class RunDisplayCommands(Action):
     """
 
     kind = "display-commands"
+    schema = {"stop": argv, "start": argv}
+    old_schema = {}
     stop: tuple[str, ...]
     start: tuple[str, ...]
 
@@ -125,6 +132,8 @@ class WaitReleased(Action):
     """Nothing changes here: wait until no process holds the GPU's nodes, or name the one that does."""
 
     kind = "wait-released"
+    schema = {"nodes": list_of(DEV_NODE), "shared_prefixes": list_of(DEV_NODE)}
+    old_schema = {}
     nodes: tuple[str, ...]
     shared_prefixes: tuple[str, ...] = ()
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from janus_hooks.actions.base import Action, Context, wait_until
 from janus_hooks.errors import StepFailed
+from janus_hooks.schema import DRIVER, MODULE, PCI_ADDRESS, boolean, list_of, mapping, optional
 
 log = logging.getLogger(__name__)
 
@@ -17,6 +18,8 @@ VFIO_DRIVER = "vfio-pci"
 @dataclass(frozen=True)
 class UnloadModule(Action):
     kind = "unload-module"
+    schema = {"module": MODULE}
+    old_schema = {"loaded": boolean, "bound": mapping(PCI_ADDRESS, DRIVER)}
     module: str
 
     def describe(self) -> str:
@@ -49,6 +52,8 @@ class UnloadModule(Action):
 @dataclass(frozen=True)
 class LoadModule(Action):
     kind = "load-module"
+    schema = {"module": MODULE, "devices": list_of(PCI_ADDRESS)}
+    old_schema = {"loaded": boolean}
     module: str
     # The VM's own devices: while one of them is still bound, unloading waits for a later replay.
     devices: tuple[str, ...] = ()
@@ -90,6 +95,8 @@ class BindVfio(Action):
     """Transient binding: driver_override + drivers_probe; nothing persists past a reboot, new_id is never used."""
 
     kind = "bind-vfio"
+    schema = {"address": PCI_ADDRESS, "host_driver": optional(DRIVER)}
+    old_schema = {"driver": optional(DRIVER), "override": optional(DRIVER)}
     address: str
     # The driver the planner saw: by the time this step runs, unloading its module may have unbound the
     # device already, and that capture alone would not know where the device belongs.

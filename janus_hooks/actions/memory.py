@@ -8,6 +8,7 @@ from typing import Any
 
 from janus_hooks.actions.base import Action, Context, wait_until
 from janus_hooks.errors import StepFailed
+from janus_hooks.schema import integer, optional
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +21,8 @@ def _pool_name(size_kb: int, node: int | None) -> str:
 @dataclass(frozen=True)
 class AllocateHugepages(Action):
     kind = "allocate-hugepages"
+    schema = {"size_kb": integer(4, 16 * 1024 * 1024), "node": optional(integer(0, 1023)), "pages": integer(0, 1 << 40)}
+    old_schema = {"total": integer(0, 1 << 40), "added": integer(0, 1 << 40)}
     size_kb: int
     node: int | None
     pages: int  # how many more pages the pool needs

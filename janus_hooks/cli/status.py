@@ -76,15 +76,18 @@ def status(env: Env, root: Path, uri: str) -> None:
     except (Failure, JanusError) as err:
         click.echo(f"  VMs in libvirt: not listed ({err})")
     store = readable_store(host)
-    states = {name: s for name in store.vms() if (s := store.read(name)) is not None}
+    readable, unreadable = store.read_each()
+    states = {s.vm: s for s in readable}
     noted = store.noted_vms()
     failures = FailureStore(host.state_dir()).all()
-    known = set(profiles) | set(states) | set(noted) | set(failures)
+    known = set(profiles) | set(states) | set(noted) | set(failures) | set(unreadable)
     click.echo("Managed VMs:" if known else "Managed VMs: none (mark one with 'janus-hooks profile')")
     for vm in sorted(known):
         state = states.get(vm)
         holds = (f"holds {', '.join(state.devices) or 'no PCI device'} since {when(state.started)}, "
                  f"{len(state.open_steps)} change(s) open" if state else "idle")
+        if vm in unreadable:
+            holds = f"journal unreadable ('janus-hooks rollback {vm} --discard'): {unreadable[vm]}"
         click.echo(f"  {vm:<20} {profiles.get(vm, 'no profile any more'):<32} {holds}")
         for note in store.notes(vm):
             click.echo(f"    warning (last release): {note}")

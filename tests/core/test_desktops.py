@@ -66,15 +66,15 @@ def _runit_desktop(root, stops: bool = True):
     xorg = {"pid": 700, "comm": "Xorg", "fds": ["/dev/dri/card0"]}
     b.process(700, "Xorg", ["/dev/dri/card0"])
     # A server that ignores the stop request: sv exits 0, Xorg keeps the card open.
-    b.command("sv down xorg", kill=[xorg] if stops else [])
-    b.command("sv up xorg", spawn=[xorg])
+    b.command("/usr/bin/sv down xorg", kill=[xorg] if stops else [])
+    b.command("/usr/bin/sv up xorg", spawn=[xorg])
     return b.build()
 
 
 RUNIT_CONFIG = """
 [display]
-stop_command = ["sv", "down", "xorg"]
-start_command = ["sv", "up", "xorg"]
+stop_command = ["/usr/bin/sv", "down", "xorg"]
+start_command = ["/usr/bin/sv", "up", "xorg"]
 [timeouts]
 release = 0.3
 driver = 0.3
@@ -89,10 +89,10 @@ def test_no_systemd_display_server_stopped_by_configured_command(fake):
     before = h.snapshot()
     xml = domain_xml(hostdevs=("0000:00:02.0",))
     assert h.hook("win11", "prepare", "begin", xml) == (0, "")
-    assert h.runner.calls == [("sv", "down", "xorg")]
+    assert h.runner.calls == [("/usr/bin/sv", "down", "xorg")]
     assert not (h.root / "proc/700").exists()
     assert h.hook("win11", "release", "end", xml) == (0, "")
-    assert h.runner.calls[-1] == ("sv", "up", "xorg")
+    assert h.runner.calls[-1] == ("/usr/bin/sv", "up", "xorg")
     assert_same_tree(before, h.snapshot())
 
 
@@ -104,7 +104,7 @@ def test_display_server_that_does_not_stop_refuses_the_start_and_keeps_the_deskt
     assert code == 1
     assert err == ("janus-hooks: VM 'win11': wait until no process holds /dev/dri/card0, /dev/dri/renderD128: "
                    "pid 700 (Xorg) via /dev/dri/card0 still holds the GPU")
-    assert h.runner.calls == [("sv", "down", "xorg"), ("sv", "up", "xorg")]
+    assert h.runner.calls == [("/usr/bin/sv", "down", "xorg"), ("/usr/bin/sv", "up", "xorg")]
     assert_same_tree(before, h.snapshot())
 
 

@@ -58,7 +58,7 @@ def test_corrupt_line_in_the_middle_is_an_error(fake):
     lines[3] = lines[3][:10]
     _journal(h).write_text("\n".join(lines) + "\n")
     code, err = h.hook("win11", "release", "end", XML)
-    assert code == 1 and "line 4 is corrupt" in err
+    assert code == 1 and "win11.jsonl line 4 is not a JSON record" in err
 
 
 def test_journal_writable_by_others_is_refused(fake):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tests.cli.conftest import make_cli  # noqa: F401 - the CLI on fake trees, shared with tests/cli
 from tests.hostile import tally
 
 

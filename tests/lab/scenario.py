@@ -36,8 +36,8 @@ log_level = "debug"
 
 [display]
 # No systemd in the lab: Xorg is a runit service, stopped and started like a display manager.
-stop_command = ["sv", "down", "xorg"]
-start_command = ["sv", "up", "xorg"]
+stop_command = ["/usr/bin/sv", "down", "xorg"]
+start_command = ["/usr/bin/sv", "up", "xorg"]
 
 [timeouts]
 release = 8.0
