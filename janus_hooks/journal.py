@@ -27,6 +27,7 @@ from janus_hooks.layout import vm_filename, vm_from_filename
 from janus_hooks.schema import (
     BOOT_ID,
     PCI_ADDRESS,
+    VM_NAME,
     SchemaError,
     integer,
     list_of,
@@ -314,7 +315,7 @@ class JournalWriter:
 MAX_JOURNAL_BYTES = 4 << 20  # a plan is tens of records: anything this large was not written by janus-hooks
 MAX_STEP = 100_000
 
-_BEGIN = {"type": pattern("begin", "begin"), "vm": pattern(r"[^\x00-\x1f]+", "a VM name", 1024),
+_BEGIN = {"type": pattern("begin", "begin"), "vm": VM_NAME,
           "boot_id": BOOT_ID, "devices": list_of(PCI_ADDRESS), "time": number(0, 1e11),
           "pid": integer(1, 1 << 22)}
 _STEP = integer(0, MAX_STEP)

@@ -52,6 +52,10 @@ FRAMEBUFFER = pattern(r"(efi|simple|vesa)-framebuffer\.[0-9]{1,3}", "a boot fram
 SESSION = pattern(r"[A-Za-z0-9]{1,64}", "a logind session id")
 DEV_NODE = pattern(r"/dev/(?!.*(^|/)\.\.?(/|$))[A-Za-z0-9_][A-Za-z0-9_.:/+-]*", "a device node under /dev", 128)
 BOOT_ID = pattern(r"[0-9a-f-]{1,64}|unknown", "a boot id")
+VM_NAME = pattern(r"[^\x00-\x1f/]+|[^\x00-\x1f]*/[^\x00-\x1f]*", "a VM name", 1024)
+CPU_SET = pattern(r"[0-9a-fA-F,-]*", "a CPU list or mask", 8192)
+CGROUP = pattern(r"[A-Za-z0-9_][A-Za-z0-9_.@:-]*", "a top-level cgroup name", 255)
+GOVERNOR = pattern(r"[a-z][a-z0-9_]{0,31}", "a cpufreq governor name")
 RESET_METHOD = pattern(r"[a-z_]{1,32}", "a reset method")
 
 

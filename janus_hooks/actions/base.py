@@ -130,6 +130,8 @@ def action_from_json(data: Any) -> Action:
 def old_from_json(action: Action, data: Any) -> dict[str, Any]:
     """Captured state (or what ``apply`` learned) for ``action``, checked against its ``old_schema``."""
     try:
-        return record(action.old_schema, data)
+        checked = record(action.old_schema, data)
     except SchemaError as err:
         raise SchemaError(f"{action.kind} state: {err}") from None
+    # Captured state stays as JSON gave it (lists), as the action wrote it.
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in checked.items()}

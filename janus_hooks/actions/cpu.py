@@ -24,6 +24,18 @@ from typing import Any
 from janus_hooks.actions.base import Action, Context, wait_until
 from janus_hooks.cpuset import format_cpulist, format_cpumask, parse_cpulist, parse_cpumask
 from janus_hooks.errors import KernelError, StepFailed
+from janus_hooks.schema import (
+    CGROUP,
+    CPU_SET,
+    GOVERNOR,
+    UNIT,
+    VM_NAME,
+    boolean,
+    integer,
+    list_of,
+    mapping,
+    pattern,
+)
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +43,13 @@ IRQBALANCE_UNIT = "irqbalance.service"
 SYSTEMD_GROUPS = ("system.slice", "user.slice", "init.scope")
 # libvirt's own top-level groups: the VMs run there and must keep their cores.
 MACHINE_GROUPS = ("machine", "machine.slice")
+
+
+# Journal schemas shared by the steps below (see Action.schema).
+CORES = list_of(integer(0, 65535), 65536)
+SHARED = {"vm": VM_NAME, "cores": CORES}
+CPU_SET_OLD = {"original": CPU_SET, "value": CPU_SET, "target": CPU_SET}
+IRQ = pattern(r"[0-9]{1,6}", "an IRQ number")
 
 
 def _cores(cores: tuple[int, ...]) -> str:
@@ -158,6 +177,8 @@ class RestrictUnitCpus(_CpuListStep):
     """systemd's ``AllowedCPUs`` of one top-level unit (system.slice, user.slice, init.scope), runtime only."""
 
     kind = "restrict-unit-cpus"
+    schema = {**SHARED, "unit": UNIT}
+    old_schema = CPU_SET_OLD
     unit: str = ""
 
     def describe(self) -> str:
@@ -185,6 +206,8 @@ class RestrictCgroupCpus(_CpuListStep):
     """``cpuset.cpus`` of one top-level cgroup, written directly (cgroup v2 hosts without systemd)."""
 
     kind = "restrict-cgroup-cpus"
+    schema = {**SHARED, "group": CGROUP}
+    old_schema = CPU_SET_OLD
     group: str = ""
 
     def describe(self) -> str:
@@ -232,6 +255,8 @@ class RestrictDefaultIrqAffinity(_MaskFileStep):
     """``/proc/irq/default_smp_affinity``: where IRQs registered from now on may go."""
 
     kind = "restrict-default-irq-affinity"
+    schema = SHARED
+    old_schema = CPU_SET_OLD
 
     def describe(self) -> str:
         return f"keep new IRQs off cores {_cores(self.cores)} (default_smp_affinity)"
@@ -245,6 +270,8 @@ class RestrictWorkqueues(_MaskFileStep):
     """The unbound workqueues' cpumask (``workqueue``) or the writeback flushers' (``writeback``)."""
 
     kind = "restrict-workqueues"
+    schema = {**SHARED, "name": pattern("workqueue|writeback", "workqueue or writeback")}
+    old_schema = CPU_SET_OLD
     name: str = "workqueue"
 
     def describe(self) -> str:
@@ -264,6 +291,8 @@ class MoveIrqs(SharedCpuStep):
     and per-CPU interrupts) are left where they are."""
 
     kind = "move-irqs"
+    schema = SHARED
+    old_schema = {"original": mapping(IRQ, CPU_SET, 65536), "refused": list_of(integer(0, 1 << 20), 65536)}
 
     def describe(self) -> str:
         return f"move IRQ affinities off cores {_cores(self.cores)}"
@@ -333,6 +362,8 @@ class StopIrqbalance(SharedCpuStep):
     """irqbalance would spread IRQs back over the VM's cores: stopped while any isolated VM runs."""
 
     kind = "stop-irqbalance"
+    schema = {**SHARED, "unit": UNIT}
+    old_schema = {"original": boolean}
     unit: str = IRQBALANCE_UNIT
 
     def describe(self) -> str:
@@ -362,6 +393,8 @@ class SetGovernor(Action):
     """The cpufreq governor of the VM's cores (``performance``), each core's own put back afterwards."""
 
     kind = "set-governor"
+    schema = {**SHARED, "governor": GOVERNOR}
+    old_schema = {"governors": mapping(pattern(r"[0-9]{1,5}", "a core number"), GOVERNOR, 65536)}
     vm: str
     cores: tuple[int, ...]
     governor: str
