@@ -72,6 +72,8 @@ class StopUserUnit(Action):
     otherwise the user's next login starts it."""
 
     kind = "stop-user-unit"
+    schema = {"uid": integer(0, 2**32 - 1), "unit": UNIT}
+    old_schema = {"active": boolean}
     uid: int
     unit: str
 
