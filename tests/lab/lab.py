@@ -116,8 +116,38 @@ def command_script(argv: Sequence[str], cwd: Path, env: Mapping[str, str], host_
     return "\n".join(lines) + "\n"
 
 
-def qemu_argv(lab: Mapping[str, str], out_dir: Path, mem: int, inner_timeout: int, verbose: bool) -> list[str]:
-    """QEMU command line: q35 with an emulated IOMMU, the bochs VGA at 00:02.0 and two 9p shares."""
+# The lab's flavours (see tests/lab/README.md): "runit" chroots into the root and runs the command from
+# /init (busybox, runit for the display server); "desktop" boots the real systemd there, with udevd, dbus,
+# logind, greetd starting weston in a logind session, PipeWire on the GPU's audio function.
+FLAVOURS = ("runit", "desktop")
+DESKTOP_TARGET = "janus-lab.target"
+
+# The desktop's GPU is a real card's shape: the VGA and an HDMI-like audio function in one slot (one
+# IOMMU group), plus a second GPU in its own group for passthrough of a card the host does not draw on.
+RUNIT_GPU = [("-device", "VGA,addr=02.0")]
+DESKTOP_GPUS = [
+    ("-device", "VGA,bus=pcie.0,addr=0x2.0,multifunction=on"),
+    ("-device", "ich9-intel-hda,id=gpuaudio,bus=pcie.0,addr=0x2.1"),
+    ("-audiodev", "none,id=snd0"),
+    ("-device", "hda-output,bus=gpuaudio.0,audiodev=snd0"),
+    ("-device", "secondary-vga,bus=pcie.0,addr=0x6.0"),
+]
+
+
+def default_mem(flavour: str) -> int:
+    """MiB the lab gets unless told: the desktop runs systemd, weston and PipeWire besides the scenario."""
+    return 2560 if flavour == "desktop" else 1536
+
+
+def qemu_argv(
+    lab: Mapping[str, str],
+    out_dir: Path,
+    mem: int,
+    inner_timeout: int,
+    verbose: bool,
+    flavour: str = "runit",
+) -> list[str]:
+    """QEMU command line: q35 with an emulated IOMMU, the bochs VGA at 00:02.0 and three 9p shares."""
     append = [
         "console=ttyS0",
         "intel_iommu=on",
@@ -125,6 +155,11 @@ def qemu_argv(lab: Mapping[str, str], out_dir: Path, mem: int, inner_timeout: in
         f"lab.timeout={inner_timeout}",
     ]
     append += ["loglevel=7"] if verbose else ["quiet"]
+    if flavour == "desktop":
+        # systemd.unit: only what the lab target pulls in starts, whatever the machine has enabled.
+        append += [f"systemd.unit={DESKTOP_TARGET}", "lab.flavour=desktop"]
+        if not verbose:
+            append += ["systemd.show_status=error", "udev.log_level=err"]
     options = [
         ("-M", "q35,kernel-irqchip=split"),
         ("-accel", "tcg"),  # KVM is not usable on our machines
@@ -139,7 +174,6 @@ def qemu_argv(lab: Mapping[str, str], out_dir: Path, mem: int, inner_timeout: in
         ("-nic", "none"),
         ("-netdev", "user,id=lan,restrict=on"),
         ("-device", "e1000e,netdev=lan,addr=01.0,romfile="),  # no iPXE ROM: it only slows the boot
-        ("-device", "VGA,addr=02.0"),
         ("-fsdev", "local,id=host,path=/,security_model=none,readonly=on,multidevs=remap"),
         ("-device", "virtio-9p-pci,fsdev=host,mount_tag=host,addr=03.0"),
         ("-fsdev", f"local,id=out,path={out_dir},security_model=none,multidevs=remap"),
@@ -148,6 +182,7 @@ def qemu_argv(lab: Mapping[str, str], out_dir: Path, mem: int, inner_timeout: in
         ("-fsdev", f"local,id=cache,path={CACHE},security_model=none,multidevs=remap"),
         ("-device", "virtio-9p-pci,fsdev=cache,mount_tag=cache,addr=05.0"),
     ]
+    options += DESKTOP_GPUS if flavour == "desktop" else RUNIT_GPU
     return ["qemu-system-x86_64", "-nographic", "-no-reboot"] + [word for pair in options for word in pair]
 
 
@@ -160,22 +195,29 @@ def run_in_lab(
     argv: Sequence[str],
     timeout: float = 300,
     *,
-    mem: int = 1536,
+    mem: int | None = None,
     env: Mapping[str, str] | None = None,
     cwd: Path | str | None = None,
     out_dir: Path | str | None = None,
     stream: IO[str] | None = None,
     verbose: bool = False,
     fresh: Sequence[str] = FRESH_DEFAULT,
+    flavour: str = "runit",
 ) -> LabResult:
     """Boot the lab, run ``argv`` in it and return its exit status, output and results directory.
 
     ``timeout`` bounds the whole run (build, boot, command, power-off). ``stream`` receives the console
     as it arrives. ``fresh`` lists absolute paths that start as empty directories (tmpfs) in the lab.
-    A timeout gives status 124, a lab that failed to boot 125; ``message`` says which.
+    ``flavour`` "desktop" boots systemd with a graphical session and starts the command once the desktop
+    is up (tests/lab/README.md). A timeout gives status 124, a lab that failed to boot (or whose desktop
+    did not come up) 125; ``message`` says which.
     """
     if not argv:
         raise ValueError("run_in_lab needs a command")
+    if flavour not in FLAVOURS:
+        raise ValueError(f"unknown lab flavour {flavour!r} (one of {', '.join(FLAVOURS)})")
+    if mem is None:
+        mem = default_mem(flavour)
     started = time.monotonic()
     deadline = started + timeout
     lab = build(stream, timeout=max(1.0, timeout))
@@ -184,7 +226,7 @@ def run_in_lab(
     CACHE.mkdir(parents=True, exist_ok=True)
     meta = out / ".lab"
     meta.mkdir(exist_ok=True)
-    for stale in ("status", "failed"):
+    for stale in ("status", "failed", "desktop-ready"):
         (meta / stale).unlink(missing_ok=True)
     workdir = Path(cwd).resolve() if cwd is not None else TOP
     visible = []
@@ -201,6 +243,10 @@ def run_in_lab(
         if not path.startswith("/") or "\n" in path:
             raise ValueError(f"fresh paths must be absolute: {path!r}")
     (meta / "fresh").write_text("".join(f"{p}\n" for p in fresh))
+    (meta / "flavour").write_text(f"{flavour}\n")
+    # /init runs it in the new root before handing over to systemd: its own path, since the repository
+    # may live anywhere (tests/lab/desktop-setup writes the units that run the command from there).
+    (meta / "desktop-setup").write_text(f"{HERE / 'desktop-setup'}\n")
     remaining = deadline - time.monotonic()
     inner = inner_timeout_for(remaining)
     if stream is not None:
@@ -212,7 +258,7 @@ def run_in_lab(
     boot_at: list[float] = []
     log = (out / "console.log").open("w", encoding="utf-8")
     proc = subprocess.Popen(
-        qemu_argv(lab, out, mem, inner, verbose),
+        qemu_argv(lab, out, mem, inner, verbose, flavour),
         stdin=subprocess.DEVNULL,  # QEMU would put a terminal on stdin into raw mode
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -287,11 +333,15 @@ def main(args: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="tests/lab/run",
         description="Run COMMAND as root inside the real-kernel lab and exit with its status.",
-        usage="%(prog)s [--timeout SECONDS] [--mem MiB] [--out DIR] [--env KEY=VALUE]... [--fresh PATH]... "
+        usage="%(prog)s [--flavour runit|desktop] [--timeout SECONDS] [--mem MiB] [--out DIR] [--env KEY=VALUE]... "
+        "[--fresh PATH]... "
         "-- COMMAND [ARGS...]",
     )
     parser.add_argument("--timeout", type=float, default=300, help="bound on the whole run (default 300 s)")
-    parser.add_argument("--mem", type=int, default=1536, help="lab memory in MiB (default 1536)")
+    parser.add_argument("--mem", type=int, help="lab memory in MiB (default 1536, desktop 2560)")
+    parser.add_argument(
+        "--flavour", choices=FLAVOURS, default="runit", help="runit (default) or desktop (systemd, greetd, weston)"
+    )
     parser.add_argument("--out", help="results directory (default: a fresh one under build/lab/runs/)")
     parser.add_argument(
         "--env", action="append", default=[], metavar="KEY=VALUE", help="set in the command's environment"
@@ -326,6 +376,7 @@ def main(args: Sequence[str] | None = None) -> int:
             stream=sys.stdout,
             verbose=opts.verbose,
             fresh=FRESH_DEFAULT if opts.fresh is None else opts.fresh,
+            flavour=opts.flavour,
         )
     except (LabError, subprocess.TimeoutExpired, OSError) as err:
         print(f"lab: cannot run the lab: {err}", file=sys.stderr)

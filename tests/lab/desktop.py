@@ -1,0 +1,477 @@
+"""Scenarios run INSIDE the desktop flavour of the real-kernel lab (see tests/lab/README.md).
+
+    tests/lab/run --flavour desktop -- .venv/bin/python tests/lab/desktop.py smoke|all|demo|bench
+
+The lab's host is a systemd desktop: udevd, dbus, logind, greetd (display-manager.service) logging `desk`
+in automatically into weston, which has the GPU (bochs VGA, 0000:00:02.0) through logind; the GPU's audio
+function (0000:00:02.1, snd_hda_intel, same IOMMU group) held by WirePlumber in desk's systemd instance;
+an application of desk's holding the card; a second GPU (0000:00:06.0, bochs-drm, its own group).
+
+Every check reads the real kernel (/sys, /proc, /dev), logind (loginctl) and the real processes, never
+janus-hooks' own output. Results go to $LAB_OUT/desktop-<scenario>.json; the story goes to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import scenario
+from scenario import VENV_BIN, module_loaded, run, say, vtcon_fb_bound, wait_for
+
+GPU = "0000:00:02.0"
+AUDIO = "0000:00:02.1"
+SECOND_GPU = "0000:00:06.0"
+VM = "lab-desktop"
+JOURNAL = Path("/var/lib/janus-hooks/journal") / f"{VM}.jsonl"
+HOOK = scenario.HOOK
+OUT = scenario.OUT
+USER_APP_UNIT = "janus-lab-app.service"
+# QEMU's ids of the GPU's two functions, as the nested QEMU lists them (query-pci).
+VGA_ID = (0x1234, 0x1111)
+HDA_ID = (0x8086, 0x293E)
+
+CONFIG = """\
+log_level = "debug"
+
+[timeouts]
+release = 15.0
+driver = 20.0
+module = 20.0
+"""
+
+DOMAIN = f"""\
+<domain type='qemu'>
+  <name>{VM}</name>
+  <metadata><janus:profile xmlns:janus='{scenario.PROFILE_NS}' mode='single-gpu'/></metadata>
+  <memory unit='MiB'>64</memory>
+  <memoryBacking><hugepages/></memoryBacking>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type></os>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <hostdev mode='subsystem' type='pci' managed='yes'>
+      <source><address domain='0x0000' bus='0x00' slot='0x02' function='0x0'/></source>
+    </hostdev>
+    <hostdev mode='subsystem' type='pci' managed='yes'>
+      <source><address domain='0x0000' bus='0x00' slot='0x02' function='0x1'/></source>
+    </hostdev>
+    <video><model type='none'/></video>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+"""
+
+# The bench switches the GPU only: hugepages are measured on their own (bench/hugepage_rows.py).
+DOMAIN_NO_HUGEPAGES = DOMAIN.replace("  <memoryBacking><hugepages/></memoryBacking>\n", "")
+
+
+# --- the real kernel, logind and processes ----------------------------------------------------------------
+def driver(address: str) -> str | None:
+    try:
+        return os.path.basename(os.readlink(f"/sys/bus/pci/devices/{address}/driver"))
+    except OSError:
+        return None
+
+
+def iommu_group(address: str) -> str | None:
+    try:
+        return os.path.basename(os.readlink(f"/sys/bus/pci/devices/{address}/iommu_group"))
+    except OSError:
+        return None
+
+
+def card_node(address: str = GPU) -> str | None:
+    drm = Path(f"/sys/bus/pci/devices/{address}/drm")
+    cards = sorted(p.name for p in drm.glob("card*")) if drm.is_dir() else []
+    return f"/dev/dri/{cards[0]}" if cards else None
+
+
+def audio_nodes() -> list[str]:
+    """The /dev/snd nodes of the GPU audio function's sound card (none while it is not on snd_hda_intel)."""
+    nodes = []
+    for card in Path(f"/sys/bus/pci/devices/{AUDIO}/sound").glob("card*"):
+        nodes += [f"/dev/snd/{n.name}" for n in sorted(card.iterdir()) if n.name.startswith(("controlC", "pcmC"))]
+    return nodes
+
+
+def unit_of(pid: int) -> str:
+    """The last component of the process' cgroup: its unit or scope (user units included)."""
+    try:
+        return Path(f"/proc/{pid}/cgroup").read_text().strip().rsplit("/", 1)[-1]
+    except OSError:
+        return "?"
+
+
+def holders(nodes: list[str]) -> list[dict]:
+    """Every process with one of ``nodes`` open: pid, comm, unit (cgroup leaf) and the node."""
+    wanted = set(nodes)
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{entry}/fd")
+        except OSError:
+            continue
+        seen = set()
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{entry}/fd/{fd}")
+            except OSError:
+                continue
+            if target in wanted and target not in seen:
+                seen.add(target)
+                try:
+                    comm = Path(f"/proc/{entry}/comm").read_text().strip()
+                except OSError:
+                    comm = "?"
+                found.append({"pid": int(entry), "comm": comm, "unit": unit_of(int(entry)), "node": target})
+    return sorted(found, key=lambda h: (h["node"], h["pid"]))
+
+
+def sessions() -> list[dict]:
+    """logind's sessions with the properties the scenarios look at."""
+    listing = run(["loginctl", "list-sessions", "--no-legend"], check=False, timeout=30).stdout
+    ids = [line.split()[0] for line in listing.splitlines() if line.split()]
+    result = []
+    for sid in ids:
+        props = run(["loginctl", "show-session", sid, "-p", "Id", "-p", "Name", "-p", "Seat", "-p", "Type",
+                     "-p", "Active", "-p", "State", "-p", "Leader", "-p", "Class"], check=False, timeout=30).stdout
+        fields = dict(line.split("=", 1) for line in props.splitlines() if "=" in line)
+        if fields:
+            result.append(fields)
+    return result
+
+
+def fd_of(pid: int, node: str) -> int | None:
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == node:
+                return int(fd)
+    except OSError:
+        pass
+    return None
+
+
+def same_open_file(pid_a: int, fd_a: int, pid_b: int, fd_b: int) -> bool:
+    """kcmp(KCMP_FILE): do two descriptors of two processes refer to one open file description?"""
+    import ctypes
+
+    sys_kcmp, kcmp_file = 312, 0  # x86_64
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.syscall(sys_kcmp, pid_a, pid_b, kcmp_file, fd_a, fd_b) == 0
+
+
+def shares_compositor_file(node: str) -> dict[str, bool]:
+    """For PID 1 and systemd-logind: is their descriptor of ``node`` the compositor's open file (logind's
+    TakeDevice and fd store) rather than one of their own?"""
+    found = holders([node])
+    weston = next((h["pid"] for h in found if h["comm"] == "weston"), None)
+    result = {}
+    for h in found:
+        if h["comm"] in ("systemd", "systemd-logind") and (h["comm"] == "systemd-logind" or h["pid"] == 1):
+            fd_a, fd_b = fd_of(h["pid"], node), fd_of(weston, node) if weston else None
+            result[h["comm"]] = (fd_a is not None and fd_b is not None
+                                 and same_open_file(h["pid"], fd_a, weston, fd_b))
+    return result
+
+
+def graphical_session() -> dict | None:
+    """The active wayland session on seat0, if there is one."""
+    for s in sessions():
+        if s.get("Seat") == "seat0" and s.get("Type") == "wayland" and s.get("Active") == "yes":
+            return s
+    return None
+
+
+def seat_masters() -> list[str]:
+    """DRM devices logind lists as [MASTER] on seat0 (udev's master-of-seat tag)."""
+    out = run(["loginctl", "seat-status", "seat0", "--no-pager", "--full"], check=False, timeout=30).stdout
+    return sorted({line.split("drm:", 1)[1].split()[0] for line in out.splitlines()
+                   if "[MASTER]" in line and "drm:card" in line and "-" not in line.split("drm:", 1)[1]})
+
+
+def desktop_holds_card(previous_session: str | None = None) -> bool:
+    """A graphical session (a new one, when ``previous_session`` is given) has the card through logind:
+    weston, systemd-logind and PID 1 (logind's fd store) hold it, and WirePlumber holds the audio card."""
+    session = graphical_session()
+    if session is None or session.get("Id") == previous_session:
+        return False
+    node = card_node()
+    if node is None:
+        return False
+    comms = {h["comm"] for h in holders([node])}
+    pids = {h["pid"] for h in holders([node])}
+    audio = holders(audio_nodes())
+    return ({"weston", "systemd-logind"} <= comms and 1 in pids
+            and any(h["comm"] == "wireplumber" for h in audio))
+
+
+def systemctl_active(unit: str) -> str:
+    return run(["systemctl", "is-active", unit], check=False, timeout=30).stdout.strip()
+
+
+def host_state() -> dict:
+    nr, free = scenario.hugepages()
+    node = card_node()
+    session = graphical_session()
+    return {
+        "gpu_driver": driver(GPU),
+        "audio_driver": driver(AUDIO),
+        "second_gpu_driver": driver(SECOND_GPU),
+        "groups": {GPU: iommu_group(GPU), AUDIO: iommu_group(AUDIO), SECOND_GPU: iommu_group(SECOND_GPU)},
+        "card": node,
+        "audio_nodes": audio_nodes(),
+        "fbcon_bound": vtcon_fb_bound(),
+        "vfio_group_node": Path(f"/dev/vfio/{iommu_group(GPU)}").exists(),
+        "card_holders": holders([node]) if node else [],
+        "audio_holders": holders(audio_nodes()),
+        "session": session,
+        "seat_masters": seat_masters(),
+        "display_manager": systemctl_active("display-manager.service"),
+        "hugepages_total": nr,
+        "hugepages_free": free,
+        "journal_open": JOURNAL.exists(),
+        "vfio_modules": sorted(m for m in ("vfio", "vfio_pci", "vfio_pci_core", "vfio_iommu_type1")
+                               if module_loaded(m)),
+    }
+
+
+def show(state: dict) -> str:
+    """One line a person can read: what the real kernel, logind and processes say right now."""
+    fbcon = {True: "bound", False: "unbound", None: "gone (no framebuffer)"}[state["fbcon_bound"]]
+    session = state["session"]
+    card = ", ".join(f"{h['comm']}[{h['pid']}]" for h in state["card_holders"]) or "nobody"
+    audio = ", ".join(f"{h['comm']}[{h['pid']}]" for h in state["audio_holders"]) or "nobody"
+    return (f"GPU {state['gpu_driver'] or 'no driver'}, audio {state['audio_driver'] or 'no driver'}; "
+            f"display-manager {state['display_manager']}; graphical session "
+            f"{'#' + session['Id'] + ' (' + session['Name'] + ')' if session else 'none'}; card held by {card}; "
+            f"audio held by {audio}; fbcon {fbcon}; hugepages "
+            f"{state['hugepages_total'] - state['hugepages_free']}/{state['hugepages_total']} in use; "
+            f"journal {'open' if state['journal_open'] else 'closed'}")
+
+
+# --- scenarios -------------------------------------------------------------------------------------------
+def scenario_smoke() -> dict:
+    """What the lab booted: the desktop as a person would find it, before janus-hooks is installed."""
+    state = host_state()
+    state["card_same_open_file"] = shares_compositor_file(state["card"] or "/dev/dri/card0")
+    say(f"desktop: {show(state)}")
+    say(f"PID 1's and logind's descriptors of the card are weston's open file (kcmp): "
+        f"{state['card_same_open_file']}")
+    say(f"seat0 masters: {', '.join(state['seat_masters'])}; IOMMU groups: {state['groups']}")
+    return state
+
+
+def setup() -> dict:
+    timings = {}
+    for private in ("/var/lib/janus-hooks", "/var/log/janus-hooks"):
+        if Path(private).is_dir():
+            os.chmod(private, 0o700)
+    start = time.monotonic()
+    run([str(VENV_BIN / "janus-hooks"), "install", "--yes"])
+    Path("/etc/janus-hooks/janus.toml").write_text(CONFIG)
+    timings["install_s"] = time.monotonic() - start
+    say(f"janus-hooks install: hook at {HOOK} ({timings['install_s']:.1f} s)")
+    start = time.monotonic()
+    run(["bash", str(scenario.REPO / "tests/lab/libvirt-up"), "120"], timeout=300)
+    timings["libvirtd_s"] = time.monotonic() - start
+    say(f"libvirtd up ({timings['libvirtd_s']:.1f} s)")
+    return timings
+
+
+def nested_qemu_devices(dom) -> list[list[int]]:
+    import libvirt_qemu
+
+    reply = json.loads(libvirt_qemu.qemuMonitorCommand(dom, '{"execute":"query-pci"}', 0))
+    return [[dev["id"]["vendor"], dev["id"]["device"]] for bus in reply["return"] for dev in bus["devices"]]
+
+
+def journal_steps() -> list[dict]:
+    if not JOURNAL.exists():
+        return []
+    return [json.loads(line) for line in JOURNAL.read_text().splitlines() if line.strip()]
+
+
+def start_vm(conn, xml: str) -> tuple[object, str | None, float]:
+    """Define and start the VM through libvirt; (domain, libvirt's error or None, seconds to return)."""
+    import libvirt
+
+    dom = conn.defineXML(xml)
+    t0 = time.monotonic()
+    try:
+        dom.create()
+        error = None
+    except libvirt.libvirtError as err:
+        error = str(err)
+    return dom, error, time.monotonic() - t0
+
+
+def cleanup(dom) -> None:
+    try:
+        if dom.isActive():
+            dom.destroy()
+    finally:
+        dom.undefine()
+
+
+def scenario_switch(conn) -> dict:
+    """The managed single-GPU VM (GPU + its audio + hugepages) started and destroyed through libvirt."""
+    result: dict = {"before": host_state()}
+    before_session = (result["before"]["session"] or {}).get("Id")
+    say(f"before: {show(result['before'])}")
+    say(f"virsh start {VM} ...")
+    t0 = time.time()
+    dom, error, took = start_vm(conn, DOMAIN)
+    try:
+        result["error"] = error
+        result["start_s"] = took
+        if error:
+            say(f"libvirt refused the start after {took:.2f} s: {error}")
+            result["after_refusal"] = host_state()
+            say(f"after the refusal: {show(result['after_refusal'])}")
+            return result
+        records = journal_steps()
+        binds = [r for r in records if r.get("type") == "intent" and r["action"]["kind"] == "bind-vfio"]
+        done_ms = {r["step"]: r["ms"] for r in records if r.get("type") == "done"}
+        t_bound = binds[-1]["time"] + done_ms[binds[-1]["step"]] / 1000 if binds else None
+        result["start_to_vfio_s"] = (t_bound - t0) if t_bound else None
+        say(f"VM running after {took:.2f} s; janus-hooks did:")
+        result["steps"] = scenario.print_steps(records)
+        result["during"] = host_state()
+        result["nested_qemu_devices"] = nested_qemu_devices(dom)
+        result["qemu_uses_hugepages"] = result["during"]["hugepages_free"] < result["during"]["hugepages_total"]
+        say(f"during: {show(result['during'])}")
+        say(f"nested QEMU (query-pci): {result['nested_qemu_devices']}")
+        say(f"virsh destroy {VM} ...")
+        t0 = time.monotonic()
+        dom.destroy()
+        result["destroy_s"] = time.monotonic() - t0
+        result["destroy_to_session_s"] = result["destroy_s"] + wait_for(
+            lambda: desktop_holds_card(before_session), 120, "a new graphical session holding the card")
+        say(f"a new graphical session holds the card {result['destroy_to_session_s']:.2f} s after the destroy")
+        # The application comes back with the user's manager, after the compositor (it waits for it).
+        result["app_back_s"] = wait_for(
+            lambda: any(h["unit"] == USER_APP_UNIT for h in holders([card_node() or ""])), 60,
+            "the user's application holding the card again")
+    finally:
+        cleanup(dom)
+    result["after"] = host_state()
+    say(f"after: {show(result['after'])}")
+    return result
+
+
+def holder_process(node: str) -> subprocess.Popen:
+    """A process outside any session (a root service's child, not a user's) holding ``node`` open."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", f"import sys; f = open({node!r}, 'rb'); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    wait_for(lambda: proc.pid in [h["pid"] for h in holders([node])], 30, f"pid {proc.pid} opening {node}")
+    return proc
+
+
+def scenario_refuse(conn, node: str) -> dict:
+    """A process janus-hooks may not stop holds ``node``: the start is refused naming it, the desktop stays."""
+    result: dict = {"node": node, "before": host_state()}
+    before_session = (result["before"]["session"] or {}).get("Id")
+    holder = holder_process(node)
+    result["holder_pid"] = holder.pid
+    try:
+        say(f"pid {holder.pid} (python3, outside any session) holds {node}; virsh start {VM} ...")
+        dom, result["error"], result["refused_after_s"] = start_vm(conn, DOMAIN)
+        cleanup(dom)
+        say(f"libvirt said: {result['error']}")
+        # Untouched, or put back by the rollback: the session that was there, or a new one, holds the card.
+        result["desktop_back_s"] = wait_for(lambda: desktop_holds_card(None), 120, "the desktop holding the card")
+        result["same_session"] = (graphical_session() or {}).get("Id") == before_session
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=10)
+    result["after"] = host_state()
+    say(f"after: {show(result['after'])}")
+    return result
+
+
+def scenario_crash(kill_at: str) -> dict:
+    """kill -9 of the installed hook mid-switch (once the journal has an intent of ``kill_at``), then
+    `janus-hooks rollback`."""
+    result: dict = {"before": host_state()}
+    before_session = (result["before"]["session"] or {}).get("Id")
+    proc = subprocess.Popen([str(HOOK), VM, "prepare", "begin", "-"], stdin=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc.stdin.write(DOMAIN)
+    proc.stdin.close()
+    killed_at = None
+    deadline = time.monotonic() + 180
+    while proc.poll() is None and time.monotonic() < deadline:
+        kinds = [r["action"]["kind"] for r in journal_steps() if r.get("type") == "intent"]
+        if kill_at in kinds:
+            proc.send_signal(signal.SIGKILL)
+            killed_at = kinds[-1]
+            break
+        time.sleep(0.01)
+    if proc.poll() is None and killed_at is None:
+        proc.kill()
+    proc.wait(timeout=60)
+    result["killed_at"] = killed_at
+    result["hook_status"] = proc.returncode
+    result["hook_stderr"] = proc.stderr.read().strip().splitlines()[-3:]
+    result["crashed"] = host_state()
+    say(f"hook killed (-9) at step {killed_at!r} (status {proc.returncode}): {show(result['crashed'])}")
+    t0 = time.monotonic()
+    rollback = run([str(VENV_BIN / "janus-hooks"), "rollback", VM], check=False, timeout=180)
+    result["rollback_status"] = rollback.returncode
+    result["rollback_output"] = (rollback.stdout + rollback.stderr).strip().splitlines()[-5:]
+    result["desktop_back_s"] = (time.monotonic() - t0) + wait_for(
+        lambda: desktop_holds_card(before_session if killed_at else None), 120,
+        "a graphical session holding the card")
+    result["after"] = host_state()
+    say(f"janus-hooks rollback -> exit {rollback.returncode}; after: {show(result['after'])}")
+    return result
+
+
+def save(name: str, data: dict) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / f"desktop-{name}.json").write_text(json.dumps(data, indent=1, sort_keys=True))
+    log = Path("/var/log/janus-hooks/hook.log")
+    if log.exists():
+        (OUT / "hook.log").write_text(log.read_text())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("scenario", choices=["smoke", "all", "demo"])
+    args = parser.parse_args()
+    if os.environ.get("LAB_FLAVOUR") != "desktop":
+        print("desktop.py: runs inside the desktop lab only (tests/lab/run --flavour desktop -- ...)",
+              file=sys.stderr)
+        return 2
+    results: dict = {"smoke": scenario_smoke()}
+    save(args.scenario, results)
+    if args.scenario == "smoke":
+        return 0
+    results["setup"] = setup()
+    conn = scenario.connect()
+    results["switch"] = scenario_switch(conn)
+    save(args.scenario, results)
+    if args.scenario == "all":
+        results["refuse-audio"] = scenario_refuse(conn, audio_nodes()[0])
+        save(args.scenario, results)
+        results["refuse-card"] = scenario_refuse(conn, card_node() or "/dev/dri/card0")
+        save(args.scenario, results)
+        results["crash"] = scenario_crash("bind-vfio")
+        save(args.scenario, results)
+    conn.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
