@@ -343,7 +343,8 @@ def remove_domain(lv: Libvirt, name: str) -> list[str]:
     except libvirt.libvirtError as err:
         problems.append(f"destroying {name}: {err}")
     try:
-        dom.undefine()
+        # With its UEFI variable store and TPM state (VMs made by `vm create`): plain undefine refuses those.
+        dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_TPM)
     except libvirt.libvirtError as err:
         problems.append(f"undefining {name}: {err}")
     return problems
