@@ -58,7 +58,7 @@ SEAM_METHODS = {
     "runner": ("run",),
 }
 SEP = "\x1f"
-TRACED_RUNS = 3  # prepares under -X importtime; each module's least time is kept
+TRACED_RUNS = 3  # prepares under -X importtime (one with --quick); each module's least time is kept
 
 
 def render_launcher(dest: Path, root: Path) -> Path:
@@ -290,10 +290,9 @@ def _imports_note(info: dict[str, Any]) -> str:
     tops = ", ".join(f"{name} {ms:.1f}" for name, ms in info["top_level"] if ms >= 0.5)
     stdlib = ", ".join(f"{name} {ms:.1f} (from {parent})" for name, ms, parent in info["stdlib_by_janus"])
     dc = info["dataclasses"]
-    return (f"imports beyond the floor's, least of {TRACED_RUNS} prepares under -X importtime (inflated by the "
-            f"tracing): "
-            f"{info['total_ms']:.1f} ms; top-level: {tops}; of which janus' own module bodies "
-            f"{info['janus_module_bodies_ms']:.1f} ms; stdlib modules janus imports first (>= 1 ms): "
+    return (f"imports beyond the floor's, least of {info['traced_runs']} prepare(s) under -X importtime "
+            f"(inflated by the tracing): {info['total_ms']:.1f} ms; top-level: {tops}; of which janus' own "
+            f"module bodies {info['janus_module_bodies_ms']:.1f} ms; stdlib modules janus imports first (>= 1 ms): "
             f"{stdlib or 'none'}; dataclasses created by these imports: {dc['classes']}, one costs "
             f"{dc['ms_each']:.2f} ms here (least of 5 x 50 creations, untraced): about {dc['ms_total']:.1f} ms")
 
@@ -389,13 +388,14 @@ def measure(scratch: Path, runs: int, warmup: int) -> list[Row]:
         raise BenchError("the fake host tree differs from before after prepare+release: release is incomplete")
 
     traces = []
-    for _ in range(TRACED_RUNS):
+    for _ in range(TRACED_RUNS if runs >= 10 else 1):
         traces.append(hook(("prepare", "begin"), (VENV_PYTHON, "-I", "-S", "-X", "importtime"))["stderr"])
         hook(("release", "end"))
     floor_trace = subprocess.run([*FLOOR_ARGV[:3], "-X", "importtime", "-c", "pass"], capture_output=True,  # noqa: S603
                                  text=True, env=HOOK_ENV, timeout=SPAWN_TIMEOUT, check=False).stderr
     imports = summarize_imports(traces, floor_trace)
     imports["dataclasses"] = dataclass_tax(imports["janus_modules"])
+    imports["traced_runs"] = len(traces)
 
     floor_label = "python3 -I -S -c pass"
     rows = []
