@@ -9,13 +9,14 @@ from collections.abc import Iterable
 
 
 def parse_cpulist(text: str) -> frozenset[int]:
-    """A cpulist ("0-3,8", the kernel's ``*_list`` files and cpuset.cpus) or a libvirt cpuset ("1-4,^3").
+    """A cpulist ("0-3,8", the kernel's ``*_list`` files and cpuset.cpus), a libvirt cpuset ("1-4,^3") or
+    systemd's spelling ("0-3 8", as ``systemctl show -p AllowedCPUs`` prints it).
 
     ``^N`` excludes (libvirt); ``a-b:s`` takes every s-th (the kernel's stride form). Raises ValueError.
     """
     cpus: set[int] = set()
     excluded: set[int] = set()
-    for part in (p.strip() for p in text.strip().split(",") if p.strip()):
+    for part in text.replace(",", " ").split():
         target = excluded if part.startswith("^") else cpus
         part = part.lstrip("^")
         stride = 1

@@ -81,6 +81,22 @@ def pinned(tmp_path: Path):
     return make
 
 
+# --- CPU sets in every spelling ----------------------------------------------------------------------------------
+def test_cpu_sets_in_the_kernels_libvirts_and_systemds_spellings():
+    from janus_hooks.cpuset import format_cpulist, format_cpumask, parse_cpulist, parse_cpumask
+
+    assert parse_cpulist("0-3,8") == parse_cpulist("0-3 8") == {0, 1, 2, 3, 8}
+    assert parse_cpulist("1-4,^3") == {1, 2, 4} and parse_cpulist("0-7:2") == {0, 2, 4, 6}
+    assert parse_cpulist("") == frozenset()
+    with pytest.raises(ValueError):
+        parse_cpulist("3-1")
+    assert format_cpulist({0, 1, 2, 5, 7, 8}) == "0-2,5,7-8"
+    assert parse_cpumask("00000000,000000ff") == set(range(8)) and parse_cpumask("5") == {0, 2}
+    # Written back the way the file showed it: width and 32-bit groups.
+    assert format_cpumask({0, 1}, like="ff") == "03"
+    assert format_cpumask({0, 33}, like="00000000,000000ff") == "00000002,00000001"
+
+
 # --- the domain and the config ----------------------------------------------------------------------------
 def test_domain_reads_vcpupin_emulatorpin_iothreadpin_and_the_profile_attribute():
     cputune, vcpu = pins("2,6,3,7", emulator="0-1,^1", iothread="5")
@@ -261,7 +277,8 @@ def test_one_vm_isolated_then_everything_reads_as_before(pinned):
     xml = vm_xml(vcpus="2,6", hostdevs=hosts.NVIDIA_FUNCTIONS, mode="single-gpu")
     assert h.hook("win11", "prepare", "begin", xml) == (0, "")
     during = host_state(h)
-    assert {u: during[f"AllowedCPUs {u}"] for u in UNITS} == dict.fromkeys(UNITS, "0-1,3-5,7")
+    # systemd prints CPU sets with spaces.
+    assert {u: during[f"AllowedCPUs {u}"] for u in UNITS} == dict.fromkeys(UNITS, "0-1 3-5 7")
     assert during["cpuset system.slice"] == "0-1,3-5,7"
     assert during["sys/fs/cgroup/cgroup.subtree_control"] == "cpu io memory pids cpuset"
     assert during["irq 1"] == "0-1,3-5,7" and during["irq 16"] == "0-1"
@@ -283,7 +300,7 @@ def test_allowed_cpus_a_person_set_before_comes_back(pinned):
     h.services.set_unit_property("system.slice", "AllowedCPUs", "0-5", 1)
     state = host_state(h)
     assert h.hook("win11", "prepare", "begin", vm_xml()) == (0, "")
-    assert h.services.unit_property("system.slice", "AllowedCPUs") == "0-1,3-5"
+    assert h.services.unit_property("system.slice", "AllowedCPUs") == "0-1 3-5"
     assert h.hook("win11", "release", "end", vm_xml()) == (0, "")
     assert host_state(h) == state
 
@@ -297,7 +314,7 @@ def test_two_vms_pinning_different_cores_share_the_host_and_the_last_out_restore
     assert h.hook("alpha", "prepare", "begin", xmls["alpha"]) == (0, "")
     assert h.hook("beta", "prepare", "begin", xmls["beta"]) == (0, "")
     both = host_state(h)
-    assert both["AllowedCPUs system.slice"] == "0-1,4-7"
+    assert both["AllowedCPUs system.slice"] == "0-1 4-7"
     assert both["irq 1"] == "0-1,4-7" and both["irq 121"] == "0-1,4-7"
     assert both["proc/irq/default_smp_affinity"] == "f3"
     last_out = "beta" if first_out == "alpha" else "alpha"
@@ -306,7 +323,7 @@ def test_two_vms_pinning_different_cores_share_the_host_and_the_last_out_restore
     kept = "3" if last_out == "beta" else "2"
     expected = "0-2,4-7" if kept == "3" else "0-1,3-7"
     # The first release gives back its own core only, never the one the other VM still runs on.
-    assert one["AllowedCPUs system.slice"] == one["AllowedCPUs init.scope"] == expected
+    assert one["AllowedCPUs system.slice"] == one["AllowedCPUs init.scope"] == expected.replace(",", " ")
     assert one["irq 1"] == expected and one["sys/devices/virtual/workqueue/cpumask"] == ("f7" if kept == "3" else "fb")
     assert one["irq 122"] == ("0-2,4-7" if kept == "3" else "3"), "IRQ 122 was only on core 3 before"
     assert one["irqbalance"] == "inactive", "irqbalance stays stopped while a VM is isolated"
@@ -342,7 +359,7 @@ def test_a_journal_from_before_a_reboot_holds_no_cores(pinned):
     assert plan.refusal is None and not any("also pinned" in n for n in plan.notes)
     assert fresh.hook("beta", "prepare", "begin", vm_xml("beta", vcpus="2,6")) == (0, "")
     assert fresh.hook("alpha", "release", "end", vm_xml("alpha")) == (0, "")
-    assert fresh.services.unit_property("system.slice", "AllowedCPUs") == "0-1,3-5,7", "beta keeps its cores"
+    assert fresh.services.unit_property("system.slice", "AllowedCPUs") == "0-1 3-5 7", "beta keeps its cores"
     assert fresh.hook("beta", "release", "end", vm_xml("beta")) == (0, "")
     assert host_state(fresh) == state
 

@@ -174,7 +174,8 @@ class FakeServices:
         path = self._dropin(unit, name)
         if not path.exists():
             return ""
-        return path.read_text().split(f"{name}=", 1)[1].strip()
+        # systemd prints CPU sets as space-separated ranges ("0-1 3"), whatever spelling set them.
+        return format_cpulist(parse_cpulist(path.read_text().split(f"{name}=", 1)[1])).replace(",", " ")
 
     def set_unit_property(self, unit: str, name: str, value: str, timeout: float) -> None:
         self._call("set-property", f"{unit} {name}={value}")
