@@ -48,7 +48,7 @@ MACHINE_GROUPS = ("machine", "machine.slice")
 # Journal schemas shared by the steps below (see Action.schema).
 CORES = list_of(integer(0, 65535), 65536)
 SHARED = {"vm": VM_NAME, "cores": CORES}
-CPU_SET_OLD = {"original": CPU_SET, "value": CPU_SET, "target": CPU_SET}
+CPU_SET_OLD = {"original": CPU_SET, "value": CPU_SET, "target": CPU_SET, "held": CORES}
 IRQ = pattern(r"[0-9]{1,6}", "an IRQ number")
 
 
@@ -292,7 +292,8 @@ class MoveIrqs(SharedCpuStep):
 
     kind = "move-irqs"
     schema = SHARED
-    old_schema = {"original": mapping(IRQ, CPU_SET, 65536), "refused": list_of(integer(0, 1 << 20), 65536)}
+    old_schema = {"original": mapping(IRQ, CPU_SET, 65536), "refused": list_of(integer(0, 1 << 20), 65536),
+                  "held": CORES}
 
     def describe(self) -> str:
         return f"move IRQ affinities off cores {_cores(self.cores)}"
