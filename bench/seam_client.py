@@ -8,14 +8,52 @@ call through a seam is timed on this side, round trip included, so that the benc
 time the host's kernel and services took.
 
 Protocol over two inherited pipes: one frame per message, ``<8 digits length><fields joined by \\x1f>``.
-Request: ``seam method arg...``; reply ``ok [value...]`` or ``err ErrorClassName message``. At the end
-``done <seconds in seams> <calls> <seconds importing this file>``.
+Request: ``seam method arg... [=keyword value]...``, values tagged by ``encode``; reply ``ok value`` or
+``err ErrorClassName message``. At the end ``done <seconds in seams> <calls> <seconds importing this file>``.
+Any public method of a seam is forwarded, so the row follows the Kernel and Services protocols as they grow.
 """
 
 import os
 import time
 
 SEP = "\x1f"
+ITEM = "\x1e"
+
+
+def encode(value: object) -> str:
+    """One value as tagged text: None, bool, int, float, str, a path, or a tuple/list of strings (an argv)."""
+    if value is None:
+        return "n"
+    if isinstance(value, bool):
+        return "b1" if value else "b0"
+    if isinstance(value, int):
+        return f"i{value}"
+    if isinstance(value, float):
+        return f"f{value!r}"
+    if isinstance(value, str):
+        return "s" + value
+    if isinstance(value, (tuple, list)):
+        return "t" + ITEM.join(value)
+    if hasattr(value, "__fspath__"):
+        return "p" + str(value)  # str() of a Path does not touch the filesystem
+    raise TypeError(f"the seam protocol cannot carry {type(value).__name__}")
+
+
+def decode(text: str, path: type = str) -> object:
+    tag, body = text[:1], text[1:]
+    if tag == "n":
+        return None
+    if tag == "b":
+        return body == "1"
+    if tag == "i":
+        return int(body)
+    if tag == "f":
+        return float(body)
+    if tag == "t":
+        return tuple(body.split(ITEM)) if body else ()
+    if tag == "p":
+        return path(body)
+    return body
 
 
 class Link:
@@ -43,11 +81,13 @@ class Link:
     def receive(self) -> list[str]:
         return self._read(int(self._read(8))).decode().split(SEP)
 
-    def call(self, seam: str, method: str, *args: object) -> list[str]:
+    def call(self, seam: str, method: str, args: tuple, kwargs: dict) -> object:
         start = time.perf_counter()
         try:
-            # Paths and numbers go as text: str() of a Path does not touch the filesystem.
-            self.send(seam, method, *(str(a) for a in args))
+            fields = [seam, method, *(encode(a) for a in args)]
+            for name, value in kwargs.items():
+                fields += ["=" + name, encode(value)]
+            self.send(*fields)
             reply = self.receive()
         finally:
             self.seconds += time.perf_counter() - start
@@ -56,38 +96,23 @@ class Link:
             from janus_hooks import errors  # already loaded: the hook imported it before any seam call
 
             raise getattr(errors, reply[1], RuntimeError)(reply[2])
-        return reply[1:]
+        return decode(reply[1])
 
 
-class RemoteKernel:
-    def __init__(self, link: Link) -> None:
-        self._link = link
+class Remote:
+    """One seam (kernel, services): every public method call goes to the bench process's fake of it."""
 
-    def write(self, path, value: str) -> None:
-        self._link.call("kernel", "write", path, value)
+    def __init__(self, link: Link, seam: str) -> None:
+        self._link, self._seam = link, seam
 
-    def load_module(self, name: str) -> None:
-        self._link.call("kernel", "load_module", name)
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
 
-    def unload_module(self, name: str) -> None:
-        self._link.call("kernel", "unload_module", name)
+        def call(*args, **kwargs):
+            return self._link.call(self._seam, name, args, kwargs)
 
-
-class RemoteServices:
-    def __init__(self, link: Link) -> None:
-        self._link = link
-
-    def is_active(self, unit: str) -> bool:
-        return self._link.call("services", "is_active", unit) == ["1"]
-
-    def stop(self, unit: str, timeout: float) -> None:
-        self._link.call("services", "stop", unit, timeout)
-
-    def start(self, unit: str, timeout: float) -> None:
-        self._link.call("services", "start", unit, timeout)
-
-    def terminate_session(self, session_id: str, timeout: float) -> None:
-        self._link.call("services", "terminate_session", session_id, timeout)
+        return call
 
 
 class RemoteRunner:
@@ -97,7 +122,7 @@ class RemoteRunner:
     def run(self, argv, timeout: float):
         from janus_hooks.host.runner import Result  # already loaded by janus_hooks.host
 
-        code, out, err = self._link.call("runner", "run", timeout, *argv)
+        code, out, err = self._link.call("runner", "run", (tuple(argv), timeout), {})
         return Result(tuple(argv), int(code), out, err)
 
 
@@ -113,7 +138,7 @@ def run_hook(main, argv: list[str], root: str, read_fd: int, write_fd: int, impo
         from janus_hooks.host import Host
         from janus_hooks.runtime import Janus
 
-        return Janus.open(Host(root, RemoteKernel(link)), services=RemoteServices(link),
+        return Janus.open(Host(root, Remote(link, "kernel")), services=Remote(link, "services"),
                           runner=RemoteRunner(link), restoring=restoring)
 
     try:

@@ -40,6 +40,7 @@ from bench.common import (
     render_shim,
     timed_spawn,
 )
+from bench.seam_client import decode, encode
 from bench.stats import BenchError, Row, median, ratio_row
 
 GROUP = "slowpath"
@@ -52,11 +53,6 @@ from bench.seam_client import run_hook  # noqa: E402
 sys.exit(run_hook(main, sys.argv[3:], JANUS_ROOT, int(sys.argv[1]), int(sys.argv[2]),
                   _bench_time.perf_counter() - _bench_start))
 """
-SEAM_METHODS = {
-    "kernel": ("write", "load_module", "unload_module"),
-    "services": ("is_active", "stop", "start", "terminate_session"),
-    "runner": ("run",),
-}
 SEP = "\x1f"
 TRACED_RUNS = 3  # prepares under -X importtime (one with --quick); each module's least time is kept
 
@@ -83,24 +79,25 @@ class SeamServer:
     def handle(self, fields: list[str]) -> list[str]:
         from janus_hooks.errors import JanusError
 
-        seam, method, *args = fields
-        if method not in SEAM_METHODS.get(seam, ()):
-            raise BenchError(f"the hook asked for an unknown seam call {seam}.{method}")
-        try:
-            if seam == "kernel" and method == "write":
-                self.kernel.write(Path(args[0]), args[1])
-            elif seam == "kernel":
-                getattr(self.kernel, method)(args[0])
-            elif method == "is_active":
-                return ["ok", "1" if self.services.is_active(args[0]) else "0"]
-            elif seam == "services":
-                getattr(self.services, method)(args[0], float(args[1]))
+        seam, method, *rest = fields
+        fake = {"kernel": self.kernel, "services": self.services, "runner": self.runner}.get(seam)
+        if fake is None or method.startswith("_") or not callable(getattr(fake, method, None)):
+            raise BenchError(f"the hook called {seam}.{method}, which the fakes do not play")
+        args, kwargs, i = [], {}, 0
+        while i < len(rest):
+            if rest[i].startswith("="):
+                kwargs[rest[i][1:]] = decode(rest[i + 1], Path)
+                i += 2
             else:
-                result = self.runner.run(args[1:], float(args[0]))
-                return ["ok", str(result.returncode), result.stdout, result.stderr]
+                args.append(decode(rest[i], Path))
+                i += 1
+        try:
+            result = getattr(fake, method)(*args, **kwargs)
         except JanusError as err:  # the hook raises the same class with the same message
             return ["err", type(err).__name__, str(err)]
-        return ["ok"]
+        if seam == "runner":
+            return ["ok", encode((str(result.returncode), result.stdout, result.stderr))]
+        return ["ok", encode(result)]
 
 
 def _frame(fields: list[str]) -> bytes:
