@@ -188,10 +188,13 @@ def _ask(host: Host, req: VmRequest, gave: dict[str, Any]) -> VmRequest:
         req = replace(req, mode=click.prompt("Video profile", type=click.Choice(VIDEO_MODES),
                                              default="passthrough" if _display_count(host) > 1 else "cpu-only"))
     if req.mode in ("passthrough", "single-gpu", "shared-vram") and not req.gpu:
-        choices = [d.address for d in host.pci_devices() if d.is_display]
-        if choices:
-            click.echo("GPUs: " + ", ".join(choices))
-            req = replace(req, gpu=click.prompt("GPU", default=choices[-1], value_proc=_checked(values.pci_address)))
+        display = [d for d in host.pci_devices() if d.is_display]
+        if display:
+            click.echo("GPUs: " + ", ".join(f"{d.address}{' (boot VGA)' if d.boot_vga else ''}" for d in display))
+            # passthrough takes the GPU the desktop does not boot on; single-gpu and shared-vram the desktop's.
+            wanted = [d for d in display if d.boot_vga == (req.mode != "passthrough")] or display
+            req = replace(req, gpu=click.prompt("GPU", default=wanted[0].address,
+                                                value_proc=_checked(_gpu, [d.address for d in display])))
     if gave["hugepages"] is None:
         req = replace(req, hugepages=click.confirm("Back the RAM with hugepages?", default=req.mode != "cpu-only"))
     if not gave["storage"]:
@@ -210,6 +213,13 @@ def _ask(host: Host, req: VmRequest, gave: dict[str, Any]) -> VmRequest:
         if user:
             req = replace(req, unattend_user=user)
     return req
+
+
+def _gpu(text: str, present: list[str]) -> str:
+    address = values.pci_address(text)
+    if address not in present:
+        raise VmError(f"no GPU {address} on this host (GPUs: {', '.join(present)})")
+    return address
 
 
 def _ram(text: str, host: Host) -> int:
