@@ -63,18 +63,24 @@ def _child(parent: ElementTree.Element, tag: str, after: tuple[str, ...] = ()) -
     return element
 
 
-def edit_domain(xml: str, mode: str, gpu_functions: list[str], hugepages: bool | None) -> str:
+def edit_domain(xml: str, mode: str, gpu_functions: list[str], hugepages: bool | None,
+                isolate: bool | None = None) -> str:
     """The domain XML with the janus profile set to ``mode`` ("none" removes it), a managed PCI hostdev for
-    each of ``gpu_functions`` that is not there yet, and hugepage backing added (True) or removed (False)."""
+    each of ``gpu_functions`` that is not there yet, hugepage backing added (True) or removed (False), and
+    CPU isolation asked for (True: ``isolate="yes"``) or declined (False: ``"no"``); None keeps what is there."""
     root = _parse(xml)
     existing = {d.address for d in parse_domain(xml).hostdevs}
     metadata = root.find("metadata")
+    kept: dict[str, str] = {}
     if metadata is not None:
         for old in metadata.findall(PROFILE_TAG):
+            kept = {k: v for k, v in old.attrib.items() if k != "mode"}
             metadata.remove(old)
+    if isolate is not None:
+        kept["isolate"] = "yes" if isolate else "no"
     if mode != "none":
         metadata = _child(root, "metadata", after=("name", "uuid", "genid", "title", "description"))
-        ElementTree.SubElement(metadata, PROFILE_TAG, {"mode": mode})
+        ElementTree.SubElement(metadata, PROFILE_TAG, {"mode": mode, **kept})
     elif metadata is not None and not len(metadata):
         root.remove(metadata)
     if gpu_functions:
@@ -111,8 +117,9 @@ def xml_diff(before: str, after: str, name: str) -> str:
     return "".join(difflib.unified_diff(lines(before), lines(after), f"{name}.xml (now)", f"{name}.xml (new)"))
 
 
-def edit_profile_toml(current: str | None, mode: str) -> str | None:
-    """A VM's TOML profile with ``mode``; None (remove the file) for mode "none". Other keys are kept."""
+def edit_profile_toml(current: str | None, mode: str, isolate: bool | None = None) -> str | None:
+    """A VM's TOML profile with ``mode`` (and ``isolate`` when given); None (remove the file) for mode "none".
+    Other keys are kept."""
     if mode == "none":
         return None
     try:
@@ -120,6 +127,8 @@ def edit_profile_toml(current: str | None, mode: str) -> str | None:
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"the existing profile cannot be read: {err}") from err
     data["mode"] = mode
+    if isolate is not None:
+        data["isolate"] = isolate
     return tomli_w.dumps(data)
 
 

@@ -43,19 +43,22 @@ def _expand_gpus(host: Host, addresses: tuple[str, ...]) -> list[str]:
                    "Repeat for more cards.")
 @click.option("--hugepages/--no-hugepages", default=None, help="Back VM's memory with hugepages, or stop doing so. "
               "Unchanged when not given.")
+@click.option("--isolate/--no-isolate", default=None, help="Keep the host's work off the cores VM's vCPUs are "
+              "pinned to while it runs (isolate=\"yes\"), or decline it when janus.toml isolates every pinned "
+              "VM. Unchanged when not given.")
 @click.option("--toml", is_flag=True, help="Record the mode in etc/janus-hooks/vms/VM.toml instead of the "
               "libvirt definition (libvirt is not contacted).")
 @click.option("--yes", "-y", is_flag=True, help="Apply the change without asking.")
 @connect_option
 @click.pass_obj
-def profile(env: Env, vm: str, root: Path, mode: str, gpus: tuple[str, ...], hugepages: bool | None, toml: bool,
-            yes: bool, uri: str) -> None:
+def profile(env: Env, vm: str, root: Path, mode: str, gpus: tuple[str, ...], hugepages: bool | None,
+            isolate: bool | None, toml: bool, yes: bool, uri: str) -> None:
     """Mark VM as managed by janus-hooks, in the mode it needs.
 
     Writes the janus-hooks metadata into VM's libvirt definition (virt-manager
     keeps it), adds a PCI hostdev for every function of each --gpu, and adds or
     removes hugepage backing. Shows a diff and asks before defining it.
-    With --toml, writes etc/janus-hooks/vms/VM.toml instead (mode only).
+    With --toml, writes etc/janus-hooks/vms/VM.toml instead (mode and isolate only).
     """
     env.require_root("profile")
     host = env.host(root)
@@ -63,13 +66,13 @@ def profile(env: Env, vm: str, root: Path, mode: str, gpus: tuple[str, ...], hug
         if gpus or hugepages is not None:
             raise Failure("--gpu and --hugepages change the libvirt definition; with --toml only the mode is "
                           "recorded (give the VM its GPU in virt-manager, or drop --toml)")
-        _profile_toml(env, host, vm, mode, yes)
+        _profile_toml(env, host, vm, mode, isolate, yes)
         return
     if mode == "none" and gpus:
         raise Failure("--gpu gives a managed VM its GPU; with --mode none it has no meaning")
     functions = _expand_gpus(host, gpus)
     current = domain_xml(env, vm, uri, for_define=True)
-    new = edit_domain(current, mode, functions, hugepages)
+    new = edit_domain(current, mode, functions, hugepages, isolate)
     diff = xml_diff(current, new, vm)
     if not diff:
         click.echo(f"VM {vm!r} already has this profile; nothing to change.")
@@ -82,16 +85,19 @@ def profile(env: Env, vm: str, root: Path, mode: str, gpus: tuple[str, ...], hug
     else:
         click.echo(f"VM {vm!r} defined with janus-hooks mode {mode}.")
         spec = parse_domain(new)
+        if spec.isolate and not spec.cpus.pinned:
+            warn(f"VM {vm!r} asks for CPU isolation but its vCPUs are not pinned (<cputune><vcpupin>): "
+                 "its start is refused until they are")
         if not spec.hostdevs:
             managed = "only its hugepages are managed" if spec.hugepages else "its start changes nothing on the host"
             warn(f"VM {vm!r} has no PCI hostdev: {managed}; add --gpu ADDR to give it a GPU")
         click.echo(f"Next: 'janus-hooks plan {vm}' shows what its start will change.")
 
 
-def _profile_toml(env: Env, host: Host, vm: str, mode: str, yes: bool) -> None:
+def _profile_toml(env: Env, host: Host, vm: str, mode: str, isolate: bool | None, yes: bool) -> None:
     path = profile_path(host.config_dir(), vm)
     current = path.read_text() if path.exists() else None
-    new = edit_profile_toml(current, mode)
+    new = edit_profile_toml(current, mode, isolate)
     if new == current:
         click.echo(f"VM {vm!r} has no TOML profile; nothing to change." if new is None
                    else f"{path} already says mode {mode}; nothing to change.")

@@ -159,3 +159,23 @@ def test_profile_without_gpu_or_hugepages_says_the_start_changes_nothing(make_cl
     result = c("profile", "win11", "--mode", "passthrough", "--yes")
     assert result.exit_code == 0
     assert "has no PCI hostdev: its start changes nothing on the host" in result.stderr
+
+
+def test_edit_asks_for_or_declines_cpu_isolation_and_keeps_it_across_mode_changes():
+    asked = edit_domain(VIRT_MANAGER_XML, "single-gpu", [], None, isolate=True)
+    assert parse_domain(asked).isolate is True
+    # Changing the mode later keeps what the person chose for isolation.
+    assert parse_domain(edit_domain(asked, "passthrough", [], None)).isolate is True
+    declined = edit_domain(asked, "passthrough", [], None, isolate=False)
+    assert parse_domain(declined).isolate is False and declined.count("isolate=") == 1
+
+
+def test_profile_isolate_warns_when_the_vm_is_not_pinned_and_writes_the_toml(make_cli):
+    c = make_cli(desktops.nvidia_desktop, conn=FakeConn({"win11": VIRT_MANAGER_XML}))
+    result = c("profile", "win11", "--mode", "passthrough", "--isolate", "--yes")
+    assert result.exit_code == 0, result.output
+    assert parse_domain(c.conn.domains["win11"]).isolate is True
+    assert "asks for CPU isolation but its vCPUs are not pinned" in result.stderr
+    toml = c("profile", "win11", "--mode", "passthrough", "--toml", "--isolate", "--yes")
+    assert toml.exit_code == 0
+    assert load_profile(c.root / "etc/janus-hooks", "win11").isolate is True
