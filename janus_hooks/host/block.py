@@ -1,9 +1,9 @@
 """Block devices and who uses them: what ``vm create`` reads before it gives a disk to a guest.
 
-A disk is in use when it or one of its partitions is mounted (``/proc/self/mountinfo``, by device number
-and by source), is active swap (``/proc/swaps``), or is held by another block device (device-mapper for
-LVM or LUKS, md for RAID: ``/sys/class/block/<name>/holders``), following holders down to their mounts.
-Reads only, below ``Host(root)``, so that tests build the whole picture as a tree of files.
+A disk is in use when a mounted filesystem or a swap area lives on it (the host's storage map,
+``storage.py``, follows them through device-mapper, md and partitions down to whole disks), or when another
+block device is stacked on it or on one of its partitions (``/sys/class/block/<name>/holders``: LVM, LUKS,
+RAID members are used even while nothing on them is mounted). Reads only, below ``Host(root)``.
 """
 
 from __future__ import annotations
@@ -76,54 +76,35 @@ def _holder_kind(host: Host, holder: str) -> str:
     return "device-mapper" if holder.startswith("dm-") else "another block device"
 
 
-def _mounts(host: Host) -> list[tuple[str, str, str]]:
-    """(major:minor, mount point, source) of every mount."""
-    found = []
-    for line in _read(host.path("proc/self/mountinfo")).splitlines():
-        fields = line.split()
-        if len(fields) < 10 or "-" not in fields:
-            continue
-        sep = fields.index("-")
-        found.append((fields[2], _unescape(fields[4]), _unescape(fields[sep + 2])))
-    return found
-
-
-def _unescape(text: str) -> str:
-    # mountinfo writes space, tab, newline and backslash as octal escapes.
-    for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
-        text = text.replace(code, char)
-    return text
-
-
-def _swaps(host: Host) -> list[str]:
-    lines = _read(host.path("proc/swaps")).splitlines()[1:]
-    return [line.split()[0] for line in lines if line.split()]
+def whole_disk(host: Host, name: str) -> str:
+    """The disk a partition is on (sda for sda2); a disk or a stacked device is its own."""
+    if not is_partition(host, name):
+        return name
+    return os.path.basename(os.path.dirname(os.path.realpath(host.path("sys/class/block", name))))
 
 
 def uses(host: Host, name: str) -> list[BlockUse]:
-    """Everything that uses block device ``name``, one of its partitions or what holds them."""
-    mounts = _mounts(host)
-    swaps = {block_name(host, s) for s in _swaps(host) if s.startswith("/dev/")}
+    """Everything that uses block device ``name``: a mounted filesystem or swap area the storage map
+    (``host.storage_backing()``) follows down to it, and any device stacked on it or on its partitions
+    (LVM, LUKS, RAID members are used even while nothing on them is mounted)."""
+    disk = whole_disk(host, name)
     found: list[BlockUse] = []
-    seen: set[str] = set()
+    for backing in host.storage_backing():
+        if disk not in backing.disks:
+            continue
+        # A whole disk is used by whatever lives on any part of it; a partition only by what sits on it.
+        if disk == name or block_name(host, backing.source) == name or _holders(host, name):
+            found.append(BlockUse(name, f"holds {backing.describe()}", root=backing.use == "filesystem /"))
 
-    def visit(dev: str, via: str | None) -> None:
-        if dev in seen:
-            return
-        seen.add(dev)
-        number = _dev_number(host, dev)
-        for dev_no, point, source in mounts:
-            by_source = source.startswith("/dev/") and block_name(host, source) == dev
-            if (number and dev_no == number) or by_source:
-                found.append(BlockUse(dev, f"mounted on {point}" + (f" through {via}" if via else ""),
-                                      root=point == "/"))
-        if dev in swaps:
-            found.append(BlockUse(dev, "active swap" + (f" through {via}" if via else "")))
-        for holder in _list(host.path("sys/class/block", dev, "holders")):
+    def stacked(dev: str) -> None:
+        for holder in _holders(host, dev):
             found.append(BlockUse(dev, f"in use by {_holder_kind(host, holder)} ({holder})"))
-            visit(holder, holder)
         for part in partitions(host, dev):
-            visit(part, via)
+            stacked(part)
 
-    visit(name, None)
+    stacked(name)
     return found
+
+
+def _holders(host: Host, name: str) -> list[str]:
+    return _list(host.path("sys/class/block", name, "holders"))

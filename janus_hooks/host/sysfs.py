@@ -415,15 +415,6 @@ class Host:
         """The RAM the kernel manages (MemTotal), None when it does not say."""
         return self._meminfo_kb("MemTotal")
 
-    def online_cpus(self) -> list[int]:
-        """Host CPUs online now (``0-3,6``), from /sys/devices/system/cpu/online."""
-        cpus: list[int] = []
-        for part in _read(self.path("sys/devices/system/cpu/online")).split(","):
-            lo, _, hi = part.strip().partition("-")
-            if lo.isdigit() and (not hi or hi.isdigit()):
-                cpus += range(int(lo), int(hi or lo) + 1)
-        return cpus
-
     def compact_memory_path(self) -> Path:
         return self.path("proc/sys/vm/compact_memory")
 

@@ -96,7 +96,7 @@ def default_memory(host: Host) -> int:
 
 
 def default_vcpus(host: Host) -> int:
-    return max(1, min(8, len(host.online_cpus()) // 2 or 1))
+    return max(1, min(8, len(host.cpus_online()) // 2 or 1))
 
 
 def resolve(request: VmRequest, host: Host, config: Config | None = None) -> VmPlan:
@@ -169,7 +169,7 @@ def _resources(request: VmRequest, host: Host) -> tuple[int, int]:
         raise VmError(f"{human_size(memory)} of RAM is too little for a guest (at least 256 MiB)")
     if request.os == "win11" and memory < 4 * GIB:
         raise VmError(f"Windows 11 needs at least 4 GiB of RAM, not {human_size(memory)}")
-    cpus = host.online_cpus()
+    cpus = sorted(host.cpus_online())
     vcpus = request.vcpus or default_vcpus(host)
     if vcpus < 1 or (cpus and vcpus > len(cpus)):
         raise VmError(f"{vcpus} vCPUs: this host has {len(cpus)} CPUs online")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 
+from janus_hooks.cpuset import parse_cpulist
 from janus_hooks.errors import JanusError
 
 # libvirt accepts nearly any name, but the name also becomes a file name (volume, unattend ISO, logs):
@@ -78,14 +79,9 @@ def password(text: str) -> str:
 
 
 def cpu_list(text: str) -> list[int]:
-    """``2-5`` or ``2,3,6-7`` -> host CPU numbers, in order, without repeats."""
-    cpus: list[int] = []
+    """``2-5`` or ``2,3,6-7`` (a kernel cpulist) -> host CPU numbers in ascending order."""
     try:
-        for part in (p.strip() for p in text.split(",")):
-            lo, _, hi = part.partition("-")
-            for cpu in range(int(lo), int(hi or lo) + 1):
-                if cpu not in cpus:
-                    cpus.append(cpu)
+        cpus = sorted(parse_cpulist(text))
     except ValueError as err:
         raise VmError(f"CPU list {text!r} is not of the form 2-5 or 2,3,6-7") from err
     if not cpus:

@@ -261,6 +261,8 @@ class HostBuilder:
         (base / "slaves").mkdir(parents=True, exist_ok=True)
         for slave in slaves:
             link(base / "slaves" / slave, f"../../../../../class/block/{slave}")
+            # The kernel links both ways: the slave names what is stacked on it.
+            link(self.root / "sys/class/block" / slave / "holders" / name, f"../../../virtual/block/{name}")
         if dm_name:
             write(base / "dm/name", dm_name + "\n")
         return self

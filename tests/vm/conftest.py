@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from janus_hooks.host import Host
+from tests.fake.builder import HostBuilder
 from tests.fake.hosts import amd_dgpu_with_igpu, single_nvidia
-from tests.fake.world import link, write
+from tests.fake.world import write
 
 ROOT_DISK, FREE_DISK, LVM_DISK, RAID_DISK, SWAP_DISK = "sda", "sdb", "sdc", "sdd", "sde"
 
@@ -27,19 +28,6 @@ def _firmware(root: Path, secure: bool = True) -> None:
     descriptor("60-edk2-x86_64.json", ["acpi-s3"])
 
 
-def _block(root: Path, name: str, dev: str, parent: str | None = None, holders: tuple[str, ...] = ()) -> None:
-    base = root / "sys/class/block" / name if parent is None else root / "sys/class/block" / parent / name
-    write(base / "dev", dev + "\n")
-    write(base / "size", "134217728\n")
-    if parent is not None:
-        write(base / "partition", "1\n")
-        link(root / "sys/class/block" / name, f"{parent}/{name}")
-    (base / "holders").mkdir(parents=True, exist_ok=True)
-    for holder in holders:
-        link(base / "holders" / holder, f"../../{holder}")
-    write(root / "dev" / name, "")
-
-
 def vm_facts(root: Path, secure: bool = True, swtpm: bool = True) -> Path:
     """CPUs 0-7, 32 GB RAM (the builder's meminfo), OVMF descriptors, swtpm and five disks:
     sda (sda1 on /, sda2 swap), sdb free, sdc1 under LVM dm-0 on /home, sdd under RAID md0, sde swap."""
@@ -48,25 +36,16 @@ def vm_facts(root: Path, secure: bool = True, swtpm: bool = True) -> Path:
     if swtpm:
         write(root / "usr/bin/swtpm", "#!/bin/sh\n")
         (root / "usr/bin/swtpm").chmod(0o755)
-    _block(root, ROOT_DISK, "8:0")
-    _block(root, "sda1", "8:1", parent=ROOT_DISK)
-    _block(root, "sda2", "8:2", parent=ROOT_DISK)
-    _block(root, FREE_DISK, "8:16")
-    _block(root, "sdb1", "8:17", parent=FREE_DISK)
-    _block(root, LVM_DISK, "8:32")
-    _block(root, "sdc1", "8:33", parent=LVM_DISK, holders=("dm-0",))
-    _block(root, "dm-0", "254:0")
+    b = HostBuilder(root)  # only its storage steps: the tree's world (GPUs, units) stays as built
+    sata = "0000:00:17.0"
+    b.disk(ROOT_DISK, sata, partitions=2).disk(FREE_DISK, sata, partitions=1, minor=16)
+    b.disk(LVM_DISK, sata, partitions=1, minor=32).disk(RAID_DISK, sata, minor=48).disk(SWAP_DISK, sata, minor=64)
+    b.stacked("dm-0", ("sdc1",), minor=0, dm_name="vg-home")
     write(root / "sys/class/block/dm-0/dm/uuid", "LVM-abcdef\n")
-    link(root / "dev/mapper/vg-home", "../dm-0")
-    _block(root, RAID_DISK, "8:48", holders=("md0",))
-    _block(root, "md0", "9:0")
-    _block(root, SWAP_DISK, "8:64")
-    write(root / "proc/self/mountinfo",
-          "27 1 8:1 / / rw,relatime - ext4 /dev/sda1 rw\n"
-          "28 27 0:22 / /sys rw - sysfs sysfs rw\n"
-          "29 27 254:0 / /home rw,relatime - ext4 /dev/mapper/vg-home rw\n")
-    write(root / "proc/swaps", "Filename\tType\tSize\tUsed\tPriority\n"
-                               "/dev/sda2 partition 1000 0 -2\n/dev/sde partition 1000 0 -3\n")
+    b.stacked("md0", (RAID_DISK,), minor=0)
+    b.mount("/", "/dev/sda1").mount("/home", "/dev/mapper/vg-home", devnum="253:0")
+    b.mount("/sys", "sysfs", fstype="sysfs", devnum="0:22")
+    b.swap("/dev/sda2").swap("/dev/sde")
     return root
 
 

@@ -13,6 +13,7 @@ from janus_hooks.host import block as blockdev
 from janus_hooks.vm import template, values
 from janus_hooks.vm.request import VmRequest, resolve
 from janus_hooks.vm.values import VmError
+from tests.fake.builder import HostBuilder
 from tests.vm.conftest import vm_facts, with_mdev, with_vfs
 from tests.vm.variants import DGPU, IGPU
 
@@ -98,11 +99,15 @@ def test_more_vcpus_than_the_host_has_and_pinning(two_gpus):
 
 
 @pytest.mark.parametrize(("disk", "reason"), [
-    ("/dev/sda", r"/dev/sda holds the host's root filesystem \(sda1 mounted on /; sda2 active swap\)"),
-    ("/dev/sda1", "holds the host's root filesystem"),
-    ("/dev/sdc", r"in use on the host \(sdc1 in use by LVM \(dm-0\); dm-0 mounted on /home through dm-0\)"),
+    ("/dev/sda", r"/dev/sda holds the host's root filesystem \(sda holds filesystem / \(/dev/sda1\); "
+                 r"sda holds swap /dev/sda2 \(/dev/sda2\)\)"),
+    ("/dev/sda1", r"/dev/sda1 holds the host's root filesystem \(sda1 holds filesystem / \(/dev/sda1\)\)"),
+    ("/dev/sda2", r"/dev/sda2 is in use on the host \(sda2 holds swap /dev/sda2"),
+    ("/dev/sdc", r"in use on the host \(sdc holds filesystem /home \(/dev/mapper/vg-home\); "
+                 r"sdc1 in use by LVM \(dm-0\)\)"),
+    ("/dev/sdc1", r"sdc1 in use by LVM \(dm-0\)"),
     ("/dev/sdd", r"in use on the host \(sdd in use by RAID \(md0\)\)"),
-    ("/dev/sde", r"in use on the host \(sde active swap\)"),
+    ("/dev/sde", r"in use on the host \(sde holds swap /dev/sde \(/dev/sde\)\)"),
     ("/dev/nvme9n1", "/dev/nvme9n1 is not a block device on this host"),
     ("/home/disk.img", "not under /dev"),
 ])
@@ -116,10 +121,11 @@ def test_a_free_disk_or_partition_is_accepted(two_gpus):
         assert resolve(_request(two_gpus, storage="block", disk=disk), two_gpus.host).disk_format == "raw"
 
 
-def test_mount_by_device_number_alone_is_seen(two_gpus):
-    # btrfs and others show a source the kernel rewrote; the device number still names the partition.
-    (two_gpus.root / "proc/self/mountinfo").write_text("40 1 8:17 / /srv rw - xfs UUID=1234 rw\n")
-    assert blockdev.uses(two_gpus.host, "sdb") == [blockdev.BlockUse("sdb1", "mounted on /srv")]
+def test_a_free_partition_beside_a_mounted_one_is_accepted_but_not_its_disk(two_gpus):
+    # btrfs shows an anonymous device number: the source still names the partition.
+    HostBuilder(two_gpus.root).mount("/srv", "/dev/sdb1", fstype="btrfs", devnum="0:45")
+    assert blockdev.uses(two_gpus.host, "sdb1") == [blockdev.BlockUse("sdb1", "holds filesystem /srv (/dev/sdb1)")]
+    assert blockdev.uses(two_gpus.host, "sdb") == [blockdev.BlockUse("sdb", "holds filesystem /srv (/dev/sdb1)")]
 
 
 def test_gpu_modes(two_gpus, one_gpu):

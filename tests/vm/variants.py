@@ -12,6 +12,7 @@ from janus_hooks.host import Host
 from janus_hooks.vm import apply as vmapply
 from janus_hooks.vm.build import build_domain
 from janus_hooks.vm.request import STORAGE_KINDS, VIDEO_MODES, VmPlan, VmRequest, resolve
+from tests.fake.builder import HostBuilder
 from tests.fake.hosts import amd_dgpu_with_igpu, single_nvidia
 from tests.vm.conftest import FREE_DISK, vm_facts, with_mdev
 
@@ -48,8 +49,7 @@ def hosts(base: Path, block: str = FREE_DISK) -> dict[str, Path]:
         if mode == "shared-vram":
             with_mdev(root, IGPU)
         if block != FREE_DISK:
-            from tests.vm.conftest import _block
-            _block(root, block, "7:99")
+            HostBuilder(root).disk(block, None, major=7, minor=99)
         roots[mode] = root
     return roots
 
