@@ -122,12 +122,15 @@ def load_config(config_dir: Path) -> Config:
     unknown = set(raw_timeouts) - known_timeouts
     if unknown:
         raise ConfigError(f"{path}: unknown timeout {sorted(unknown)[0]!r}")
-    try:
-        timeouts = Timeouts(**{k: float(v) for k, v in raw_timeouts.items()})
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{path}: timeouts must be numbers of seconds") from err
-    if any(getattr(timeouts, f) <= 0 for f in known_timeouts):
-        raise ConfigError(f"{path}: timeouts must be positive")
+    seconds = {}
+    for key, value in raw_timeouts.items():
+        try:
+            seconds[key] = float(value)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"{path}: timeouts.{key} must be a number of seconds, not {value!r}") from err
+        if seconds[key] <= 0:
+            raise ConfigError(f"{path}: timeouts.{key} must be positive")
+    timeouts = Timeouts(**seconds)
     level = str(data.get("log_level", "info")).lower()
     if level not in LOG_LEVELS:
         raise ConfigError(f"{path}: log_level must be one of {', '.join(LOG_LEVELS)}")

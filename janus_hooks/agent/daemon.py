@@ -36,7 +36,7 @@ from janus_hooks.agent.events import (
 from janus_hooks.agent.file_watch import FileWatch
 from janus_hooks.agent.qemu_watch import QemuWatch
 from janus_hooks.agent.sdnotify import SdNotify
-from janus_hooks.config import Config, load_config, load_profile
+from janus_hooks.config import Config, config_path, load_config, load_profile
 from janus_hooks.errors import JanusError, LockBusy
 from janus_hooks.failures import FailureStore
 from janus_hooks.files import ensure_private_dir
@@ -393,22 +393,28 @@ class Agent:
 
     # --- config and failures -------------------------------------------------------------------------------
     def reload_config(self) -> bool:
-        """Read janus.toml and every profile; keep the last good config when anything is invalid."""
+        """Read janus.toml and check every profile; an invalid janus.toml leaves the last good config in force.
+
+        Each invalid file is logged on its own (file, key, reason): the hook will refuse what the agent names.
+        """
         config_dir = self.host.config_dir()
+        good = True
         try:
             config = load_config(config_dir)
-            for path in sorted((config_dir / "vms").glob("*.toml")) if (config_dir / "vms").is_dir() else []:
-                load_profile(config_dir, vm_from_filename(path.stem))
         except JanusError as err:
             log.error("config: %s; the last good config stays in force", err)
-            return False
-        if config != self.config:
-            log.info("config: %s read (log level %s)", config_dir / "janus.toml", config.log_level)
-        else:
-            log.info("config: %s checked, unchanged", config_dir)
+            config, good = self.config, False
+        vms_dir = config_dir / "vms"
+        for path in sorted(vms_dir.glob("*.toml")) if vms_dir.is_dir() else []:
+            try:
+                load_profile(config_dir, vm_from_filename(path.stem))
+            except JanusError as err:
+                log.error("config: %s; starting that VM will be refused until it is fixed", err)
+        if good:
+            log.info("config: %s %s", config_path(config_dir), "read" if config != self.config else "unchanged")
         self.config = config
         logging.getLogger("janus_hooks").setLevel(config.log_level.upper())
-        return True
+        return good
 
     def _notify_failures(self) -> None:
         """Show each failed start nobody saw yet, once a graphical session is active on seat0. Worker thread."""
