@@ -36,6 +36,7 @@ RUNS = {
     "cli": ((15, 2), (3, 1)),
     "libvirt": ((5, 0), (1, 0)),
     "lab": ((3, 0), (1, 0)),
+    "agent": ((3, 0), (1, 0)),
 }
 GROUPS = tuple(RUNS)
 POLICY = ("exit status: 1 if any row shows FAILED (a row of this harness, or of a row module that is present, "
@@ -54,6 +55,7 @@ def _measure_group(group: str, scratch: Path, runs: int, warmup: int) -> list[Ro
         "cli": lambda: cli_rows.measure(scratch, runs, warmup),
         "libvirt": lambda: foreign.measure("libvirt", scratch, runs),
         "lab": lambda: foreign.measure("lab", scratch, runs),
+        "agent": lambda: foreign.measure("agent", scratch, runs),
     }
     try:
         return measures[group]()

@@ -253,6 +253,7 @@ class Agent:
         log.info("libvirt at %s: connected, reconciling %d open journal(s)", event.uri, len(self.store.vms()))
         for vm in self.store.vms():
             if vm in event.active:
+                log.info("VM %s: runs (journal open); left alone", vm)
                 self._watch(vm)
                 self._off_loop(lambda vm=vm: self._stray_devices(vm), self._report_stray)
             else:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 from pathlib import Path
@@ -33,6 +32,9 @@ def agent(env: Env, root: Path, uri: str, no_libvirt: bool, udev_source: str, re
     a failed start on the desktop once it is back. Runs until SIGTERM; tells
     systemd when it is ready and pings its watchdog.
     """
+    # Imported here: every other command starts without asyncio and the agent's sources.
+    import asyncio
+
     from janus_hooks.agent import Agent, AgentOptions
     from janus_hooks.agent.desktop import DesktopNotifier
     from janus_hooks.runtime import Janus
