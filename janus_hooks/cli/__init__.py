@@ -12,7 +12,7 @@ from __future__ import annotations
 import click
 
 import janus_hooks
-from janus_hooks.cli import agent, diagnose, journal, profile, setup, status, vm
+from janus_hooks.cli import agent, diagnose, journal, profile, reserve, setup, status, vm
 from janus_hooks.cli.common import Env, Failure, JanusGroup
 
 __all__ = ["Env", "Failure", "cli", "main"]
@@ -32,7 +32,8 @@ def cli(ctx: click.Context) -> None:
 
 
 for _command in (setup.install, setup.uninstall, diagnose.check, diagnose.devices, diagnose.plan,
-                profile.profile, vm.vm, journal.journal, journal.rollback, status.status, agent.agent):
+                profile.profile, vm.vm, reserve.reserve, reserve.unreserve, journal.journal, journal.rollback,
+                status.status, agent.agent):
     cli.add_command(_command)
 
 

@@ -12,6 +12,7 @@ from janus_hooks import check as checks
 from janus_hooks.cli.common import Env, Failure, connect_option, domain_xml, emit_json, json_option, root_option
 from janus_hooks.domain import parse_domain
 from janus_hooks.journal import JournalStore
+from janus_hooks.reserve import reservations
 from janus_hooks.snapshot import HostSnapshot
 
 _MARK = {checks.OK: "ok", checks.WARN: "warn", checks.FAIL: "FAIL"}
@@ -32,8 +33,12 @@ def check(env: Env, root: Path, as_json: bool) -> None:
     host = env.host(root)
     probe = checks.Probe(env.runner, env.service_control(), env.is_live(root))
     report = checks.run_check(host, probe)
+    reserved = reservations(host)
     if as_json:
-        emit_json(report.to_json())
+        data = report.to_json()
+        for gpu in data["gpus"]:
+            gpu["reserved"] = gpu["slot"] in reserved
+        emit_json(data)
     else:
         click.echo("Host:")
         for c in report.checks:
@@ -46,6 +51,8 @@ def check(env: Env, root: Path, as_json: bool) -> None:
                                           "boot VGA" if g.boot_vga else "", f"reset: {g.reset_method or 'none'}") if x)
             click.echo(f"  {g.address} [{g.vendor[2:]}:{g.device[2:]}] {checks.class_name(g)}, {flags}")
             click.echo(f"    functions: {', '.join(f.address for f in v.functions)}")
+            if g.slot in reserved:
+                click.echo(f"    reserved:  for VMs from boot on ('janus-hooks unreserve {g.slot}' to undo)")
             click.echo(f"    verdict:   {v.summary()}")
             for note in v.notes:
                 click.echo(f"    note:      {note}")
@@ -73,6 +80,9 @@ def devices(env: Env, root: Path, as_json: bool) -> None:
     host = env.host(root)
     snap = HostSnapshot.read(host, claims=JournalStore(host.state_dir()).claims())
     found = checks.inventory(snap)
+    reserved = reservations(host)
+    for gpu in found:
+        gpu["reserved"] = gpu["slot"] in reserved
     if as_json:
         emit_json({"gpus": found})
         return
@@ -100,6 +110,8 @@ def devices(env: Env, root: Path, as_json: bool) -> None:
         for (pid, command, unit), nodes in users.items():
             click.echo(f"  used by pid {pid} ({command}{f', unit {unit}' if unit else ''}) via {', '.join(nodes)}")
         click.echo(f"  held by VM: {gpu['held_by_vm'] or '-'}")
+        if gpu["reserved"]:
+            click.echo("  reserved for VMs from boot on (udev rule; 'janus-hooks unreserve' to undo)")
 
 
 @click.command(short_help="Dry run: what starting VM would change.")
