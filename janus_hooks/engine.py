@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from janus_hooks.actions import Context
-from janus_hooks.errors import JanusError, JournalError, StepFailed
+from janus_hooks.errors import JanusError, JournalError, KernelTimeout, StepFailed
 from janus_hooks.journal import JournalState, JournalStore, JournalWriter
 
 if TYPE_CHECKING:
@@ -90,6 +90,13 @@ class Engine:
                     result = action.apply(self.ctx, old)
                     self.observer("applied", index)
                     action.verify(self.ctx, old)
+                except KernelTimeout as err:
+                    # A write asleep in the kernel cannot be cancelled, and undoing around it could block on the
+                    # same device: keep the journal as it is, the step open, and say who finishes it.
+                    self._keep_pending(writer, index, err)
+                    raise StepFailed(f"{action.describe()}: {_reason(err)}; the journal keeps this step: once "
+                                     f"that write finished, the VM's release or 'janus-hooks rollback {plan.vm}' "
+                                     "puts the host back") from err
                 except Exception as err:  # a bug in one action must not leave the host half-switched
                     reason = f"{action.describe()}: {_reason(err)}"
                     log.error("VM %s: step %d failed: %s; reverting", plan.vm, index + 1, reason)
@@ -129,6 +136,16 @@ class Engine:
         self.store.remove(vm)
         return report
 
+    def _keep_pending(self, writer: JournalWriter, index: int, err: KernelTimeout) -> None:
+        pid = err.pid if err.pid is not None else -1
+        log.error("step %d: %s", index + 1, _reason(err))
+        writer.pending(index, pid, self.ctx.host.process_command(pid) if pid > 0 else "?")
+
+    def _still_pending(self, pending: dict) -> bool:
+        """The writer of an earlier run still sleeps in the kernel (same pid, same command name)."""
+        pid = int(pending.get("pid", -1))
+        return pid > 0 and self.ctx.host.process_command(pid) == pending.get("command")
+
     def _keep_notes(self, vm: str) -> None:
         """What this replay warned about, for ``status``; the journal does not stay open for it."""
         try:
@@ -149,9 +166,19 @@ class Engine:
                 writer.reverted(step.index)
                 report.skipped_after_reboot += 1
                 continue
+            if step.pending and self._still_pending(step.pending):
+                # Everything older than this step waits for it (a driver cannot come back to a device that
+                # is still being unbound): stop here, keep the journal.
+                failures.append(f"undo {action.describe()}: its kernel write is still pending (pid "
+                                f"{step.pending['pid']}, waiting for the device to be let go)")
+                break
             start = self.ctx.clock()
             try:
                 action.revert(self.ctx, step.old)
+            except KernelTimeout as err:
+                self._keep_pending(writer, step.index, err)
+                failures.append(f"undo {action.describe()}: {_reason(err)}")
+                break
             except Exception as err:  # a bug in one action must not leave the host half-switched
                 log.error("VM %s: reverting '%s' failed: %s", state.vm, action.describe(), _reason(err))
                 failures.append(f"undo {action.describe()}: {_reason(err)}")

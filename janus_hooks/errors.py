@@ -29,8 +29,25 @@ class KernelError(StepFailed):
         self.errno = errno
 
 
+class KernelTimeout(KernelError):
+    """A kernel write (or modprobe) that did not finish by its deadline and cannot be cancelled: it goes on in
+    process ``pid`` and completes when whatever it waits for (an open device file) lets go."""
+
+    def __init__(self, message: str, pid: int | None = None) -> None:
+        super().__init__(message)
+        self.pid = pid
+
+
 class CommandFailed(StepFailed):
     """An external command (systemctl, modprobe, loginctl) failed or timed out."""
+
+
+class CommandStuck(CommandFailed):
+    """A command past its deadline that even SIGKILL did not end (it sleeps in the kernel): still ``pid``."""
+
+    def __init__(self, message: str, pid: int) -> None:
+        super().__init__(message)
+        self.pid = pid
 
 
 class JournalError(JanusError):

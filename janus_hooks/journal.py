@@ -51,6 +51,7 @@ class Step:
     done: bool = False
     reverted: bool = False
     duration_ms: float | None = None
+    pending: dict[str, Any] | None = None  # {"pid", "command"} of a kernel write still asleep past its deadline
 
 
 @dataclass
@@ -299,6 +300,10 @@ class JournalWriter:
     def reverted(self, step: int) -> None:
         self.append({"type": "reverted", "step": step})
 
+    def pending(self, step: int, pid: int, command: str) -> None:
+        """A write of this step still sleeps in the kernel in process ``pid`` (see host/blocking.py)."""
+        self.append({"type": "pending", "step": step, "pid": pid, "command": command, "time": time.time()})
+
     def complete(self) -> None:
         self.append({"type": "complete"}, durable=False)
 
@@ -323,6 +328,9 @@ _INTENT = {"type": lambda v: v, "step": _STEP, "action": lambda v: v, "old": lam
 _DONE = {"type": lambda v: v, "step": _STEP, "ms": number(0, 1e9), "result": lambda v: v}
 _REVERTED = {"type": lambda v: v, "step": _STEP}
 _COMPLETE = {"type": lambda v: v}
+_PENDING = {"type": lambda v: v, "step": _STEP, "pid": integer(-1, 1 << 22),
+            "command": pattern(r"[^\x00-\x1f]{1,16}", "a command name (/proc/<pid>/comm)", 16),
+            "time": number(0, 1e11)}
 
 
 def _refuse_constant(name: str) -> Any:
@@ -404,6 +412,13 @@ def _apply_record(state: JournalState, by_index: dict[int, Step], raw: Any) -> N
         else:
             step.done, step.duration_ms = True, rec.get("ms")
             step.old = {**step.old, **old_from_json(step.action, rec.get("result", {}))}
+        return
+    if kind == "pending":
+        rec = record(_PENDING, raw, set(_PENDING))
+        step = by_index.get(rec["step"])
+        if step is None:
+            raise SchemaError(f"pending for step {rec['step']}, which has no intent")
+        step.pending = {"pid": rec["pid"], "command": rec["command"]}
         return
     if kind == "complete":
         record(_COMPLETE, raw)

@@ -15,6 +15,14 @@ log = logging.getLogger(__name__)
 VFIO_DRIVER = "vfio-pci"
 
 
+def refuse_if_held(ctx: Context, address: str) -> None:
+    """Never unbind a function while a process holds one of its nodes: the driver's remove() would wait for
+    it (snd_hda_intel in snd_card_free) in a write nobody can cancel. Checked right before, not only planned."""
+    held = ctx.host.holders_of(ctx.host.function_nodes(address))
+    if held:
+        raise StepFailed(f"{address} is held by {held[0].describe()}: not unbinding it while it is")
+
+
 @dataclass(frozen=True)
 class UnloadModule(Action):
     kind = "unload-module"
@@ -30,6 +38,8 @@ class UnloadModule(Action):
 
     def apply(self, ctx: Context, old: dict[str, Any]) -> None:
         if ctx.host.module_loaded(self.module):
+            for address in ctx.host.pci_devices_of_module(self.module.replace("-", "_")):
+                refuse_if_held(ctx, address)
             ctx.host.kernel.unload_module(self.module)
 
     def verify(self, ctx: Context, old: dict[str, Any]) -> None:
@@ -120,6 +130,8 @@ class BindVfio(Action):
         host = ctx.host
         if host.pci_driver(self.address) == VFIO_DRIVER:
             return
+        if host.pci_driver(self.address):
+            refuse_if_held(ctx, self.address)
         host.kernel.write(host.pci_dir(self.address) / "driver_override", VFIO_DRIVER)
         self._unbind(ctx)
         host.kernel.write(host.pci_probe_path(), self.address)

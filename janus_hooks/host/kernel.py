@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Protocol
 
-from janus_hooks.errors import CommandFailed, KernelError
+from janus_hooks.errors import CommandFailed, CommandStuck, KernelError, KernelTimeout
 from janus_hooks.host.runner import Runner, SubprocessRunner, check
 
 log = logging.getLogger(__name__)
@@ -24,15 +24,34 @@ class Kernel(Protocol):
     def same_open_file(self, pid_a: int, fd_a: int, pid_b: int, fd_b: int) -> bool: ...
 
 
-class RealKernel:
-    """Writes sysfs files for real and runs modprobe; every error names the path or module."""
+# sysfs files whose store() can wait on the device or on memory: written from a child with a deadline.
+BLOCKING_FILES = frozenset({"unbind", "bind", "drivers_probe", "nr_hugepages", "compact_memory"})
+HUGEPAGE_FILES = frozenset({"nr_hugepages", "compact_memory"})
 
-    def __init__(self, runner: Runner | None = None, module_timeout: float = 30.0) -> None:
+
+class RealKernel:
+    """Writes sysfs files for real and runs modprobe; every error names the path or module, every write that
+    can block has a deadline (``use_timeouts``: the config's driver, hugepages and module seconds)."""
+
+    def __init__(self, runner: Runner | None = None, module_timeout: float = 30.0, driver_timeout: float = 10.0,
+                 hugepage_timeout: float = 30.0) -> None:
         self._runner = runner or SubprocessRunner()
         self._module_timeout = module_timeout
+        self._driver_timeout = driver_timeout
+        self._hugepage_timeout = hugepage_timeout
+
+    def use_timeouts(self, driver: float, hugepages: float, module: float) -> None:
+        self._driver_timeout, self._hugepage_timeout, self._module_timeout = driver, hugepages, module
 
     def write(self, path: Path, value: str) -> None:
         log.debug("write %r > %s", value, path)
+        name = os.path.basename(path)
+        if name in BLOCKING_FILES:
+            from janus_hooks.host.blocking import write_with_deadline
+
+            timeout = self._hugepage_timeout if name in HUGEPAGE_FILES else self._driver_timeout
+            write_with_deadline(Path(path), value, timeout)
+            return
         try:
             fd = os.open(path, os.O_WRONLY)
         except OSError as err:
@@ -58,6 +77,8 @@ class RealKernel:
     def _modprobe(self, argv: list[str], what: str) -> None:
         try:
             check(self._runner.run(argv, self._module_timeout))
+        except CommandStuck as err:
+            raise KernelTimeout(f"{what} did not finish: {err}", err.pid) from err
         except CommandFailed as err:
             raise KernelError(f"{what} failed: {err}") from err
 

@@ -11,12 +11,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
-from janus_hooks.errors import CommandFailed
+from janus_hooks.errors import CommandFailed, CommandStuck
 
 log = logging.getLogger(__name__)
 
 # libvirt runs hooks with only these; children get the same so they behave the same under a shell and a hook.
 _CLEAN_ENV_KEYS = ("PATH", "HOME", "LC_ALL")
+# Seconds a killed program may take to die before the runner stops waiting for it.
+KILL_GRACE = 2.0
 _DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -64,7 +66,12 @@ class SubprocessRunner:
                 proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired as error:
                 os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                try:
+                    # Bounded too: a program asleep in the kernel (modprobe -r on a held device) outlives SIGKILL.
+                    proc.wait(timeout=KILL_GRACE)
+                except subprocess.TimeoutExpired:
+                    raise CommandStuck(f"{' '.join(argv)} did not finish within {timeout:g} s and does not die "
+                                       f"(pid {proc.pid}, asleep in the kernel)", proc.pid) from error
                 raise CommandFailed(f"{' '.join(argv)} did not finish within {timeout:g} s") from error
             log.debug("ran %s -> %s", argv, proc.returncode)
             return Result(tuple(argv), proc.returncode, _text(out), _text(err))

@@ -233,6 +233,21 @@ class Host:
             nodes += [f"/dev/snd/{n}" for n in names if n.startswith(SOUND_NODE_PREFIXES)]
         return nodes
 
+    def function_nodes(self, address: str) -> list[str]:
+        """Every node through which a process keeps one PCI function busy: its DRM nodes, NVIDIA's per-card
+        node, its sound cards' nodes."""
+        nodes = self.drm_nodes_of(address) + self.sound_nodes_of(address)
+        minor = self.nvidia_minor(address)
+        if minor is not None and minor >= 0:
+            nodes.append(dev_node(f"nvidia{minor}"))
+        return nodes
+
+    def holders_of(self, nodes: list[str]) -> list[ProcessHold]:
+        """The processes holding one of ``nodes`` right now."""
+        if not nodes:
+            return []
+        return [h for h in self.gpu_holders() if h.node in nodes]
+
     def nvidia_minor(self, address: str) -> int | None:
         text = _read(self.path("proc/driver/nvidia/gpus", address, "information"))
         for line in text.splitlines():

@@ -2,6 +2,8 @@
 
 Rules it enforces (the ones janus-hooks depends on, as seen on a real 6.1 kernel):
 - ``drivers/<d>/unbind`` moves the device's ``driver`` link away; ENODEV when not bound to ``d``;
+- unbinding a function whose sound card's nodes a process holds blocks (as snd_hda_intel does): the write
+  raises KernelTimeout with a writer process that finishes the unbind once the last holder is gone;
 - ``drivers_probe`` binds an unbound device to its ``driver_override`` if that driver is registered,
   otherwise (override empty) to its native driver if loaded; nothing bound is not an error;
 - ``modprobe -r`` fails while the module has holders or a process holds one of its devices' nodes;
@@ -26,8 +28,18 @@ from pathlib import Path
 from typing import Any
 
 from janus_hooks.cpuset import format_cpulist, format_cpumask, parse_cpulist, parse_cpumask
-from janus_hooks.errors import KernelError
-from tests.fake.world import STATE, link, load_world, open_file_id, rmtree, unlink, write
+from janus_hooks.errors import KernelError, KernelTimeout
+from tests.fake.world import (
+    STATE,
+    block_write,
+    held_sound_nodes,
+    link,
+    load_world,
+    open_file_id,
+    rmtree,
+    unlink,
+    write,
+)
 
 Fault = Callable[[int, str, str], bool]  # (operation number, operation, target) -> fail?
 
@@ -153,6 +165,14 @@ class FakeKernel:
         if op == "unbind":
             if self._driver_of(value) != driver:
                 raise self._errno(rel, value, errno.ENODEV)
+            held = held_sound_nodes(self.root, value)
+            if held:
+                # snd_hda_intel's remove() sleeps in snd_card_free until the card's last file is closed; the
+                # real kernel seam gives up at its deadline, the writer finishes when the holder lets go.
+                pid = block_write(self.root, "unbind", value)
+                raise KernelTimeout(f"writing {value!r} to {self.root / rel} did not finish within the deadline "
+                                    f"(the kernel waits for {held[0]}; the write completes when it is let go: "
+                                    f"pid {pid})", pid)
             self._unbind_dev(value)
         else:
             if self._driver_of(value) is not None:

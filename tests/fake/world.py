@@ -114,6 +114,61 @@ def open_file_id(root: Path, pid: int, fd: int) -> str | None:
 def kill_process(root: Path, pid: int) -> None:
     rmtree(root / "proc" / str(pid))
     rmtree(root / FILES / str(pid))
+    settle_blocked_writes(root)
+
+
+# --- kernel writes asleep in the kernel (a held sound card's unbind) -------------------------------------
+PENDING = ".fake/pending.json"
+WRITER_PID_BASE = 9100
+
+
+def held_sound_nodes(root: Path, address: str) -> list[str]:
+    """The /dev/snd nodes of PCI function ``address`` that some process holds."""
+    nodes = {n for n, owner in load_world(root).get("nodes", {}).items()
+             if owner == address and n.startswith("/dev/snd/")}
+    held = []
+    proc = root / "proc"
+    for pid in sorted(p for p in os.listdir(proc) if p.isdigit()) if proc.is_dir() else []:
+        fd_dir = proc / pid / "fd"
+        for fd in os.listdir(fd_dir) if fd_dir.is_dir() else []:
+            target = os.readlink(fd_dir / fd)
+            if target in nodes:
+                held.append(f"pid {pid} via {target}")
+    return held
+
+
+def _pending(root: Path) -> list[dict[str, Any]]:
+    path = root / PENDING
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def block_write(root: Path, op: str, address: str) -> int:
+    """A writer asleep in the kernel: a process named as janus-hooks' writer (dd), finishing ``op`` later."""
+    pending = _pending(root)
+    pid = WRITER_PID_BASE + len(pending)
+    spawn_process(root, {"pid": pid, "comm": "dd", "fds": []})
+    pending.append({"pid": pid, "op": op, "address": address})
+    (root / PENDING).write_text(json.dumps(pending))
+    return pid
+
+
+def settle_blocked_writes(root: Path) -> None:
+    """Writes whose device is no longer held complete now; their writers exit."""
+    pending = _pending(root)
+    if not pending:
+        return
+    left = []
+    for entry in pending:
+        if held_sound_nodes(root, entry["address"]):
+            left.append(entry)
+            continue
+        dev = root / "sys/bus/pci/devices" / entry["address"]
+        if (dev / "driver").is_symlink():
+            driver = os.path.basename(os.readlink(dev / "driver"))
+            unlink(dev / "driver")
+            unlink(root / "sys/bus/pci/drivers" / driver / entry["address"])
+        rmtree(root / "proc" / str(entry["pid"]))
+    (root / PENDING).write_text(json.dumps(left))
 
 
 def snapshot_tree(root: Path) -> dict[str, tuple[str, str]]:
