@@ -47,9 +47,7 @@ class Janus:
                     raise
                 log.warning("%s; replaying with default settings", err)
                 config = Config()
-        use_timeouts = getattr(host.kernel, "use_timeouts", None)  # the real kernel's write deadlines
-        if use_timeouts is not None:
-            use_timeouts(config.timeouts.driver, config.timeouts.hugepages, config.timeouts.module)
+        host.kernel.use_timeouts(config.timeouts.driver, config.timeouts.hugepages, config.timeouts.module)
         runner = runner or SubprocessRunner()
         services = services or SystemdServices(runner)
         ctx = Context(host=host, config=config, services=services, runner=runner)

@@ -23,6 +23,10 @@ class Kernel(Protocol):
 
     def same_open_file(self, pid_a: int, fd_a: int, pid_b: int, fd_b: int) -> bool: ...
 
+    def use_timeouts(self, driver: float, hugepages: float, module: float) -> None:
+        """Deadlines (seconds) of writes that can block and of module operations, from the config."""
+        ...
+
 
 # sysfs files whose store() can wait on the device or on memory: written from a child with a deadline.
 BLOCKING_FILES = frozenset({"unbind", "bind", "drivers_probe", "nr_hugepages", "compact_memory"})
@@ -41,6 +45,7 @@ class RealKernel:
         self._hugepage_timeout = hugepage_timeout
 
     def use_timeouts(self, driver: float, hugepages: float, module: float) -> None:
+        """Deadlines (seconds) of writes that can block and of module operations, from the config."""
         self._driver_timeout, self._hugepage_timeout, self._module_timeout = driver, hugepages, module
 
     def write(self, path: Path, value: str) -> None:

@@ -48,6 +48,7 @@ class FakeKernel:
     def __init__(self, root: Path, fail_at: int | None = None, fault: Fault | None = None) -> None:
         self.root = Path(root)
         self.ops = 0
+        self.timeouts: tuple[float, float, float] | None = None
         self.log: list[tuple[str, str, str]] = []
         self._fail_at = fail_at
         self._fault = fault
@@ -83,6 +84,10 @@ class FakeKernel:
         if busy:
             raise KernelError(f"unloading module {name} failed: modprobe: FATAL: Module {name} is in use")
         self._unload(name)
+
+    def use_timeouts(self, driver: float, hugepages: float, module: float) -> None:
+        # A write that would block raises KernelTimeout at once here: the deadlines only matter for the record.
+        self.timeouts = (driver, hugepages, module)
 
     def same_open_file(self, pid_a: int, fd_a: int, pid_b: int, fd_b: int) -> bool:
         """kcmp(KCMP_FILE) played: the fake's processes record which open file each descriptor is."""
