@@ -12,6 +12,9 @@ from janus_hooks.cpuset import format_cpulist, parse_cpulist
 from janus_hooks.errors import ConfigError
 
 PROFILE_NS = "https://janus-hooks.org/xmlns/profile/1"
+# The guest shares the host's GPU (a mediated device or an SR-IOV VF janus-hooks makes on prepare); the GPU
+# itself stays with the host, so none of the passthrough machinery applies.
+SHARED_VRAM = "shared-vram"
 
 _UNIT_KIB = {
     "b": 1 / 1024, "bytes": 1 / 1024, "k": 1, "kib": 1, "kb": 1000 / 1024,
@@ -57,6 +60,17 @@ class CpuPins:
 
 
 @dataclass(frozen=True)
+class SharedDevice:
+    """What a shared-vram VM needs made on its GPU: an mdev instance (``uuid`` of ``mdev_type``) or
+    ``vfs`` SR-IOV virtual functions."""
+
+    parent: str
+    mdev_type: str | None = None
+    uuid: str | None = None
+    vfs: int = 0
+
+
+@dataclass(frozen=True)
 class DomainSpec:
     name: str
     uuid: str
@@ -64,6 +78,7 @@ class DomainSpec:
     hostdevs: tuple[HostDev, ...]
     hugepages: HugepageRequest | None
     mode: str | None  # from <metadata><janus:profile mode=.../>, None when not marked
+    shared: tuple[SharedDevice, ...] = ()  # shared-vram: <janus:mdev/> and <janus:vf/> in the profile
     cpus: CpuPins = field(default_factory=CpuPins)
     isolate: bool | None = None  # <janus:profile isolate="yes|no"/>; None: the VM's TOML or janus.toml decides
 
@@ -136,7 +151,7 @@ def parse_domain(xml: str) -> DomainSpec:
     if profile is not None:
         isolate = _yes_no(name, "isolate", profile.get("isolate"))
         mode = profile.get("mode", "single-gpu")
-        if mode not in MODES and mode != "none":
+        if mode not in MODES and mode not in ("none", SHARED_VRAM):
             raise ConfigError(f"VM {name!r}: janus profile mode {mode!r} is not one of {', '.join(MODES)}")
         if mode == "none":
             mode = None
@@ -150,7 +165,21 @@ def parse_domain(xml: str) -> DomainSpec:
         mode=mode,
         cpus=_cpu_pins(root, name),
         isolate=isolate,
+        shared=_shared(profile, name) if mode == SHARED_VRAM else (),
     )
+
+
+def _shared(profile, name: str) -> tuple[SharedDevice, ...]:
+    devices = []
+    for element in profile:
+        if element.tag == f"{{{PROFILE_NS}}}mdev":
+            devices.append(SharedDevice(element.get("parent", ""), element.get("type"), element.get("uuid")))
+        elif element.tag == f"{{{PROFILE_NS}}}vf":
+            try:
+                devices.append(SharedDevice(element.get("parent", ""), vfs=int(element.get("count", "1"))))
+            except ValueError as err:
+                raise ConfigError(f"VM {name!r}: <janus:vf count=...> is not a number") from err
+    return tuple(devices)
 
 
 def _yes_no(vm: str, attribute: str, value: str | None) -> bool | None:

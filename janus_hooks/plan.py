@@ -21,7 +21,9 @@ from janus_hooks.actions import (
     Action,
     AllocateHugepages,
     BindVfio,
+    CreateMdev,
     DetachFramebuffer,
+    EnableVfs,
     EndSession,
     LoadModule,
     RunDisplayCommands,
@@ -32,7 +34,7 @@ from janus_hooks.actions import (
     WaitReleased,
 )
 from janus_hooks.config import Config
-from janus_hooks.domain import DomainSpec
+from janus_hooks.domain import SHARED_VRAM, DomainSpec
 from janus_hooks.errors import PlanRefused
 from janus_hooks.gpu import backend_for, quirks
 from janus_hooks.host import Module, PciDevice, ProcessHold
@@ -108,6 +110,8 @@ def make_plan(spec: DomainSpec, mode: str | None, config: Config, snap: HostSnap
     if mode is None or snap is None:
         return Plan(spec.name, None, addresses)
     b = _Builder(spec, mode, config, snap, extra_units)
+    if mode == SHARED_VRAM:
+        return _shared_plan(b, addresses)
     try:
         gpus = _check_devices(b, addresses)
         _hugepages(b)
@@ -125,6 +129,27 @@ def make_plan(spec: DomainSpec, mode: str | None, config: Config, snap: HostSnap
     except (_Refuse, PlanRefused) as refusal:
         return Plan(spec.name, mode, addresses, refusal=str(refusal))
     return Plan(spec.name, mode, addresses, tuple(b.actions), tuple(b.notes))
+
+
+def _shared_plan(b: _Builder, addresses: tuple[str, ...]) -> Plan:
+    """shared-vram: hugepages, then the mdev instance or VFs on the host's GPU, which the host keeps."""
+    vm = b.spec.name
+    try:
+        _hugepages(b)
+        if not b.spec.shared:
+            b.refuse(f"VM {vm!r} is shared-vram but its profile names no <janus:mdev/> or <janus:vf/>")
+        for dev in b.spec.shared:
+            if dev.parent not in b.snap.devices:
+                b.refuse(f"GPU {dev.parent} of VM {vm!r} does not exist on this host")
+            if dev.uuid and dev.mdev_type:
+                b.actions.append(CreateMdev(dev.parent, dev.mdev_type, dev.uuid))
+            elif dev.vfs > 0:
+                b.actions.append(EnableVfs(dev.parent, dev.vfs))
+            else:
+                b.refuse(f"VM {vm!r}: a <janus:mdev/> needs a type and a uuid, a <janus:vf/> a count of 1 or more")
+    except (_Refuse, PlanRefused) as refusal:
+        return Plan(vm, b.mode, addresses, refusal=str(refusal))
+    return Plan(vm, b.mode, addresses, tuple(b.actions), tuple(b.notes))
 
 
 def _check_devices(b: _Builder, addresses: tuple[str, ...]) -> list[PciDevice]:

@@ -15,6 +15,7 @@ from janus_hooks.actions.cpu import (
 from janus_hooks.actions.display import EndSession, RunDisplayCommands, StopUnit, StopUserUnit, WaitReleased
 from janus_hooks.actions.driver import VFIO_DRIVER, BindVfio, LoadModule, UnloadModule
 from janus_hooks.actions.memory import AllocateHugepages
+from janus_hooks.actions.shared import CreateMdev, EnableVfs
 
 __all__ = [
     "VFIO_DRIVER",
@@ -22,7 +23,9 @@ __all__ = [
     "AllocateHugepages",
     "BindVfio",
     "Context",
+    "CreateMdev",
     "DetachFramebuffer",
+    "EnableVfs",
     "EndSession",
     "LoadModule",
     "MoveIrqs",

@@ -111,6 +111,21 @@ class Host:
     def pci_devices(self) -> list[PciDevice]:
         return [d for a in self.pci_addresses() if (d := self.pci_device(a)) is not None]
 
+    # --- shared GPUs: mediated devices and SR-IOV virtual functions -------------------------------------
+    def mdev_dir(self, uuid: str) -> Path:
+        return self.path("sys/bus/mdev/devices", uuid)
+
+    def mdev_type_dir(self, parent: str, mdev_type: str) -> Path:
+        return self.pci_dir(parent) / "mdev_supported_types" / mdev_type
+
+    def sriov_numvfs_path(self, parent: str) -> Path:
+        return self.pci_dir(parent) / "sriov_numvfs"
+
+    def sriov_count(self, parent: str, name: str = "sriov_numvfs") -> int | None:
+        """``sriov_numvfs`` (enabled) or ``sriov_totalvfs`` (possible) of a PF; None when it has no SR-IOV."""
+        text = _read(self.pci_dir(parent) / name)
+        return int(text) if text.isdigit() else None
+
     def pci_driver(self, address: str) -> str | None:
         return _link_name(self.pci_dir(address) / "driver")
 

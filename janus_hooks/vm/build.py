@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from xml.etree import ElementTree
 
+from janus_hooks.domain import PROFILE_NS
 from janus_hooks.vm import template
 from janus_hooks.vm.request import VmPlan
 
@@ -70,6 +71,17 @@ def build_domain(plan: VmPlan, placement: Placement) -> str:
         add("cpu-pin", vcpu=vcpu, cpu=cpu)
     if plan.managed:
         add("janus-profile", mode=req.mode)
+    elif plan.shared and plan.shared.kind in ("mdev", "vf"):
+        # janus-hooks makes the mdev instance or the VF when the VM starts: the profile says which.
+        add("janus-profile", mode=req.mode)
+        profile = domain.find(f"metadata/{{{PROFILE_NS}}}profile")
+        shared = plan.shared
+        if shared.kind == "mdev":
+            ElementTree.SubElement(profile, f"{{{PROFILE_NS}}}mdev", {"parent": shared.parent or "",
+                                                                      "type": shared.mdev_type or "",
+                                                                      "uuid": shared.mdev_uuid or ""})
+        else:
+            ElementTree.SubElement(profile, f"{{{PROFILE_NS}}}vf", {"parent": shared.parent or "", "count": "1"})
     add("janus-created", video=req.mode, gpu=",".join(plan.gpu_functions) or
         (plan.shared.parent if plan.shared and plan.shared.parent else "none"))
     record = domain.find(f"metadata/{{{template.VM_NS}}}created")
@@ -106,10 +118,9 @@ def _display(plan: VmPlan, add) -> None:
         if plan.shared.kind == "mdev":
             add("display-mdev", uuid=plan.shared.mdev_uuid)
         elif plan.shared.kind == "vf":
-            add("display-gpu")
             dom, bus, rest = (plan.shared.vf_address or "").split(":")
             slot, function = rest.split(".")
-            add("gpu-hostdev", domain=f"0x{dom}", bus=f"0x{bus}", slot=f"0x{slot}", function=f"0x{function}")
+            add("vf-hostdev", domain=f"0x{dom}", bus=f"0x{bus}", slot=f"0x{slot}", function=f"0x{function}")
         else:
             add("display-virgl")
     else:

@@ -136,8 +136,8 @@ def resolve(request: VmRequest, host: Host, config: Config | None = None) -> VmP
         if shared.kind in ("mdev", "vf"):
             what = f"mediated device {shared.mdev_uuid} of type {shared.mdev_type}" if shared.kind == "mdev" \
                 else f"virtual function {shared.vf_address}"
-            notes.append(f"the {what} on {shared.parent} must exist before the VM starts: janus-hooks does not "
-                         "create it yet")
+            notes.append(f"janus-hooks makes the {what} on {shared.parent} when the VM starts and removes it when "
+                         "the VM stops; the host keeps the GPU and its desktop")
     if request.gpu and request.mode == "cpu-only":
         raise VmError("--gpu has no meaning for --mode cpu-only (the guest gets an emulated display)")
 

@@ -127,7 +127,46 @@ class FakeKernel:
             return self._cpuset
         if rel == "proc/irq/default_smp_affinity" or parts[-1] == "cpumask":
             return self._cpumask
+        if parts[-1] == "create" and "mdev_supported_types" in parts:
+            return self._mdev_create
+        if rel.startswith("sys/bus/mdev/devices/") and parts[-1] == "remove":
+            return self._mdev_remove
+        if parts[-1] == "sriov_numvfs":
+            return self._sriov_numvfs
         return None
+
+    # --- shared GPUs ------------------------------------------------------------------------------------
+    def _mdev_create(self, rel: str, value: str) -> None:
+        """mdev's create: one instance per write, named by the UUID written, while the type has room."""
+        type_dir = self.root / os.path.dirname(rel)
+        available = int((type_dir / "available_instances").read_text())
+        device = self.root / "sys/bus/mdev/devices" / value
+        if device.exists():
+            raise self._errno(rel, value, errno.EEXIST)
+        if available < 1:
+            raise self._errno(rel, value, errno.ENOSPC)
+        device.mkdir(parents=True)
+        (device / "remove").write_text("")
+        (device / "mdev_type").write_text(os.path.dirname(rel) + "\n")  # where its instance goes back to
+        (type_dir / "available_instances").write_text(f"{available - 1}\n")
+
+    def _mdev_remove(self, rel: str, value: str) -> None:
+        device = self.root / os.path.dirname(rel)
+        type_dir = self.root / (device / "mdev_type").read_text().strip()
+        rmtree(device)
+        available = int((type_dir / "available_instances").read_text())
+        (type_dir / "available_instances").write_text(f"{available + 1}\n")
+
+    def _sriov_numvfs(self, rel: str, value: str) -> None:
+        """The kernel changes the number of VFs only from or to zero, and at most to sriov_totalvfs."""
+        path = self.root / rel
+        current, wanted = int(path.read_text()), int(value)
+        total = int((path.parent / "sriov_totalvfs").read_text())
+        if wanted and current:
+            raise self._errno(rel, value, errno.EBUSY)
+        if wanted > total:
+            raise self._errno(rel, value, errno.ERANGE)
+        path.write_text(f"{wanted}\n")
 
     def _errno(self, rel: str, value: str, code: int) -> KernelError:
         return KernelError(f"writing {value!r} to {self.root / rel} failed: {os.strerror(code)}", code)

@@ -50,8 +50,10 @@ def vm_facts(root: Path, secure: bool = True, swtpm: bool = True) -> Path:
 
 
 def with_mdev(root: Path, gpu: str, available: int = 2) -> None:
-    write(root / "sys/bus/pci/devices" / gpu / "mdev_supported_types/i915-GVTg_V5_4/available_instances",
-          f"{available}\n")
+    base = root / "sys/bus/pci/devices" / gpu / "mdev_supported_types/i915-GVTg_V5_4"
+    write(base / "available_instances", f"{available}\n")
+    write(base / "create", "")
+    (root / "sys/bus/mdev/devices").mkdir(parents=True, exist_ok=True)  # the mdev bus, loaded with the types
 
 
 def with_vfs(root: Path, gpu: str) -> None:

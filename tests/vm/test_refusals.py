@@ -152,7 +152,7 @@ def test_shared_vram(two_gpus):
     with_mdev(two_gpus.root, IGPU)
     mdev = resolve(_request(two_gpus, mode="shared-vram", gpu=None), two_gpus.host)
     assert (mdev.shared.kind, mdev.shared.mdev_type) == ("mdev", "i915-GVTg_V5_4")
-    assert any("does not create it yet" in note for note in mdev.notes)
+    assert any("when the VM starts and removes it" in note for note in mdev.notes)
 
 
 def test_firmware_and_tpm(tmp_path, two_gpus):

@@ -9,7 +9,7 @@ from xml.etree import ElementTree
 import pytest
 
 from janus_hooks.domain import PROFILE_NS, parse_domain
-from tests.vm.variants import DGPU, NVIDIA, VARIANTS, hosts, plan_of, xml_of
+from tests.vm.variants import DGPU, IGPU, NVIDIA, VARIANTS, hosts, plan_of, xml_of
 
 POOL = "/var/lib/libvirt/images"
 
@@ -35,7 +35,7 @@ def test_variant_has_what_its_profile_promises(variant, roots, iso):
     hostdevs = [h.address for h in spec.hostdevs]
     expected = {"passthrough": [DGPU, "0000:03:00.1"], "single-gpu": [NVIDIA[:-1] + f for f in "0123"]}
     assert hostdevs == expected.get(variant.mode, [])
-    assert spec.mode == (variant.mode if variant.mode in ("passthrough", "single-gpu") else None)
+    assert spec.mode == (variant.mode if variant.mode != "cpu-only" else None)
     assert (spec.hugepages is not None) == variant.hugepages
     disk = root.find("devices/disk[@device='disk']")
     assert disk.get("type") == variant.storage
@@ -50,7 +50,9 @@ def test_variant_has_what_its_profile_promises(variant, roots, iso):
     assert stealth == (variant.mode in ("passthrough", "single-gpu"))
     if variant.mode == "shared-vram":
         assert root.find("devices/hostdev[@type='mdev']/source/address").get("uuid")
-        assert root.find(f"metadata/{{{PROFILE_NS}}}profile") is None
+        profile = root.find(f"metadata/{{{PROFILE_NS}}}profile")
+        assert spec.mode == "shared-vram" and profile.find(f"{{{PROFILE_NS}}}mdev").get("parent") == IGPU
+        assert spec.shared[0].uuid == root.find("devices/hostdev[@type='mdev']/source/address").get("uuid")
     if variant.mode == "cpu-only":
         assert root.find("devices/video/model").get("type") == "virtio"
 
