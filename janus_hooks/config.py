@@ -2,13 +2,32 @@
 
 from __future__ import annotations
 
+import difflib
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar, TypeVar
 
 from janus_hooks.errors import ConfigError
 from janus_hooks.files import check_trusted
 from janus_hooks.layout import vm_filename
+from janus_hooks.schema import (
+    GOVERNOR,
+    UNIT,
+    Schema,
+    SchemaError,
+    argv,
+    boolean,
+    empty_or,
+    list_of,
+    number,
+    pattern,
+    quote,
+    record,
+)
+
+T = TypeVar("T")
+MAX_CONFIG_BYTES = 256 << 10
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # How a managed VM uses its GPU: the only one of the host (the desktop goes away while the VM runs),
@@ -27,6 +46,11 @@ class Timeouts:
     hugepages: float = 30.0
     lock: float = 60.0
 
+    # The keys of [timeouts] and what each accepts (see ``Section``): a wait must end, so nan, inf, 0 and
+    # negative values are refused.
+    KEYS: ClassVar[Schema] = {name: number(0.01, 3600) for name in (
+        "unit_stop", "release", "driver", "module", "hugepages", "lock")}
+
 
 @dataclass(frozen=True)
 class CpuConfig:
@@ -37,19 +61,64 @@ class CpuConfig:
     irqs: bool = True  # move IRQ affinity (and the default for new IRQs) off the VM's cores
     workqueues: bool = False  # the writeback and unbound-workqueue cpumasks too
 
+    KEYS: ClassVar[Schema] = {"isolate": boolean, "governor": empty_or(GOVERNOR), "irqs": boolean,
+                              "workqueues": boolean}
+
 
 @dataclass(frozen=True)
-class Config:
-    display_manager: str = ""  # empty: whatever display-manager.service points to
+class DisplayConfig:
+    """``[display]``: what frees the GPU from the host's desktop (read by the planner)."""
+
+    manager: str = ""  # empty: whatever display-manager.service points to
     stop_units: tuple[str, ...] = ()  # system units
     stop_user_units: tuple[str, ...] = ()  # units of users' systemd instances (Sunshine, a GPU job)
     end_sessions: bool = True
     # Hosts without systemd (OpenRC, runit, a container): how to stop and start the display server.
     stop_command: tuple[str, ...] = ()
     start_command: tuple[str, ...] = ()
+
+    KEYS: ClassVar[Schema] = {"manager": empty_or(UNIT), "stop_units": list_of(UNIT, 64),
+                              "stop_user_units": list_of(UNIT, 64), "end_sessions": boolean,
+                              "stop_command": argv, "start_command": argv}
+
+
+# janus.toml's tables: each is a frozen dataclass whose KEYS say what it accepts. Work that reads new
+# settings adds its table here (and its field to Config); unknown tables and keys are refused.
+SECTIONS: dict[str, type] = {"display": DisplayConfig, "timeouts": Timeouts, "cpu": CpuConfig}
+TOP_LEVEL: Schema = {"log_level": pattern("|".join(LOG_LEVELS), "one of " + ", ".join(LOG_LEVELS))}
+
+
+@dataclass(frozen=True)
+class Config:
+    display: DisplayConfig = field(default_factory=DisplayConfig)
     log_level: str = "info"
     timeouts: Timeouts = field(default_factory=Timeouts)
     cpu: CpuConfig = field(default_factory=CpuConfig)
+
+    # The planner's names for the [display] settings.
+    @property
+    def display_manager(self) -> str:
+        return self.display.manager
+
+    @property
+    def stop_units(self) -> tuple[str, ...]:
+        return self.display.stop_units
+
+    @property
+    def stop_user_units(self) -> tuple[str, ...]:
+        return self.display.stop_user_units
+
+    @property
+    def end_sessions(self) -> bool:
+        return self.display.end_sessions
+
+    @property
+    def stop_command(self) -> tuple[str, ...]:
+        return self.display.stop_command
+
+    @property
+    def start_command(self) -> tuple[str, ...]:
+        return self.display.start_command
 
 
 @dataclass(frozen=True)
@@ -59,6 +128,9 @@ class VmProfile:
     mode: str
     stop_units: tuple[str, ...] = ()
     isolate: bool | None = None  # None: janus.toml's cpu.isolate decides
+
+    KEYS: ClassVar[Schema] = {"mode": pattern("|".join(MODES), "one of " + ", ".join(MODES)),
+                              "stop_units": list_of(UNIT, 64), "isolate": boolean}
 
 
 def config_path(config_dir: Path) -> Path:
@@ -74,77 +146,64 @@ def _load_toml(path: Path) -> dict:
     check_trusted(path)
     try:
         with path.open("rb") as fh:
-            return tomllib.load(fh)
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path}: {err}") from err
+            data = fh.read(MAX_CONFIG_BYTES + 1)
     except OSError as err:
         raise ConfigError(f"{path}: {err.strerror}") from err
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES >> 10} KiB; not a janus-hooks config")
+    try:
+        return tomllib.loads(data.decode())
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start})") from err
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: {str(err)[:200]}") from err
 
 
-def _argv(path: Path, key: str, value: object) -> tuple[str, ...]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ConfigError(f"{path}: {key} must be a list of strings (an argv, never a shell line)")
-    return tuple(value)
+def _suggest(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
 
 
-def _bool(path: Path, key: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{path}: {key} must be true or false")
-    return value
-
-
-def _cpu(path: Path, data: object) -> CpuConfig:
+def _section(path: Path, cls: type[T], prefix: str, data: object, all_keys: list[str]) -> T:
+    """One table checked against ``cls.KEYS``: every key known, every value of its type and range."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: [cpu] must be a table")
-    unknown = set(data) - {f.name for f in fields(CpuConfig)}
-    if unknown:
-        raise ConfigError(f"{path}: unknown key cpu.{sorted(unknown)[0]}")
-    governor = data.get("governor", "")
-    if not isinstance(governor, str) or (governor and not governor.replace("_", "").isalnum()):
-        raise ConfigError(f"{path}: cpu.governor must be a cpufreq governor name such as \"performance\"")
-    return CpuConfig(
-        isolate=_bool(path, "cpu.isolate", data.get("isolate", False)),
-        governor=governor,
-        irqs=_bool(path, "cpu.irqs", data.get("irqs", True)),
-        workqueues=_bool(path, "cpu.workqueues", data.get("workqueues", False)),
-    )
+        raise ConfigError(f"{path}: {prefix or 'the file'} must be a table ([{prefix}]), not {type(data).__name__}")
+    values = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else key
+        check = cls.KEYS.get(key)
+        if check is None:
+            raise ConfigError(f"{path}: unknown key {quote(dotted)}{_suggest(dotted, all_keys)}")
+        try:
+            values[key] = check(value)
+        except SchemaError as err:
+            raise ConfigError(f"{path}: {dotted}: {err}") from None
+    return cls(**values)
 
 
 def load_config(config_dir: Path) -> Config:
-    """Read janus.toml; a missing file means defaults, an unsafe or invalid one is refused."""
+    """Read janus.toml; a missing file means defaults, an unsafe or invalid one is refused naming the file
+    and the key (a start refuses; a release, a rollback and the agent fall back, see their callers)."""
     path = config_path(config_dir)
     if not path.exists():
         return Config()
     data = _load_toml(path)
-    display = data.get("display", {})
-    known_timeouts = {f.name for f in fields(Timeouts)}
-    raw_timeouts = data.get("timeouts", {})
-    unknown = set(raw_timeouts) - known_timeouts
-    if unknown:
-        raise ConfigError(f"{path}: unknown timeout {sorted(unknown)[0]!r}")
-    seconds = {}
-    for key, value in raw_timeouts.items():
-        try:
-            seconds[key] = float(value)
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"{path}: timeouts.{key} must be a number of seconds, not {value!r}") from err
-        if seconds[key] <= 0:
-            raise ConfigError(f"{path}: timeouts.{key} must be positive")
-    timeouts = Timeouts(**seconds)
-    level = str(data.get("log_level", "info")).lower()
-    if level not in LOG_LEVELS:
-        raise ConfigError(f"{path}: log_level must be one of {', '.join(LOG_LEVELS)}")
-    return Config(
-        display_manager=str(display.get("manager", "")),
-        stop_units=_argv(path, "display.stop_units", display.get("stop_units", [])),
-        stop_user_units=_argv(path, "display.stop_user_units", display.get("stop_user_units", [])),
-        end_sessions=bool(display.get("end_sessions", True)),
-        stop_command=_argv(path, "display.stop_command", display.get("stop_command", [])),
-        start_command=_argv(path, "display.start_command", display.get("start_command", [])),
-        log_level=level,
-        timeouts=timeouts,
-        cpu=_cpu(path, data.get("cpu", {})),
-    )
+    all_keys = [*TOP_LEVEL, *SECTIONS] + [f"{name}.{key}" for name, cls in SECTIONS.items() for key in cls.KEYS]
+    sections = {}
+    for key, value in data.items():
+        if key in SECTIONS:
+            sections[key] = _section(path, SECTIONS[key], key, value, all_keys)
+        elif key not in TOP_LEVEL:
+            raise ConfigError(f"{path}: unknown key {quote(key)}{_suggest(key, all_keys)}")
+    top = {k: v for k, v in data.items() if k in TOP_LEVEL}
+    try:
+        level = record(TOP_LEVEL, {k: v.lower() if isinstance(v, str) else v for k, v in top.items()})
+    except SchemaError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    display = sections.get("display", DisplayConfig())
+    if bool(display.stop_command) != bool(display.start_command):
+        raise ConfigError(f"{path}: display.stop_command and display.start_command go together: set both")
+    return Config(log_level=level.get("log_level", "info"), **sections)
 
 
 def load_profile(config_dir: Path, vm: str) -> VmProfile | None:
@@ -152,9 +211,14 @@ def load_profile(config_dir: Path, vm: str) -> VmProfile | None:
     if not path.exists():
         return None
     data = _load_toml(path)
-    mode = data.get("mode", "single-gpu")
-    if mode not in MODES:
-        raise ConfigError(f"{path}: mode must be one of {', '.join(MODES)}")
-    isolate = data.get("isolate")
-    return VmProfile(mode=mode, stop_units=_argv(path, "stop_units", data.get("stop_units", [])),
-                     isolate=None if isolate is None else _bool(path, "isolate", isolate))
+    values = _section(path, _ProfileKeys, "", data, list(VmProfile.KEYS))
+    return VmProfile(mode=values.mode, stop_units=values.stop_units, isolate=values.isolate)
+
+
+@dataclass(frozen=True)
+class _ProfileKeys:
+    # A profile's keys, all optional (mode defaults to single-gpu).
+    mode: str = "single-gpu"
+    stop_units: tuple[str, ...] = ()
+    isolate: bool | None = None
+    KEYS: ClassVar[Schema] = VmProfile.KEYS

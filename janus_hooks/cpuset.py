@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+MAX_CPUS = 8192  # the kernel's NR_CPUS at its largest
+
 
 def parse_cpulist(text: str) -> frozenset[int]:
     """A cpulist ("0-3,8", the kernel's ``*_list`` files and cpuset.cpus), a libvirt cpuset ("1-4,^3") or
@@ -26,12 +28,15 @@ def parse_cpulist(text: str) -> frozenset[int]:
         if "-" in part:
             lo, hi = (int(x) for x in part.split("-", 1))
             if hi < lo or stride < 1:
-                raise ValueError(f"bad CPU range {part!r}")
+                raise ValueError(f"bad CPU range {part[:32]!r}")
+            if hi >= MAX_CPUS:
+                # A hostile "0-1000000000000" must not build the whole set.
+                raise ValueError(f"CPU {hi} is beyond the kernel's limit of {MAX_CPUS}")
             target.update(range(lo, hi + 1, stride))
         else:
             target.add(int(part))
-    if any(c < 0 for c in cpus | excluded):
-        raise ValueError(f"negative CPU in {text!r}")
+    if any(c < 0 or c >= MAX_CPUS for c in cpus | excluded):
+        raise ValueError(f"a CPU number in {text[:32]!r} is negative or beyond {MAX_CPUS}")
     return frozenset(cpus - excluded)
 
 

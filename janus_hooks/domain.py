@@ -92,25 +92,47 @@ def to_kib(value: str, unit: str | None) -> int:
     return int(int(value) * factor)
 
 
+MAX_NODES = 1024  # the kernel's MAX_NUMNODES at its largest (NODES_SHIFT 10)
+
+
 def parse_nodeset(text: str) -> list[int]:
-    """libvirt nodesets: "0", "0-1", "0,2-3", "^1" excludes (only after a range)."""
+    """libvirt nodesets: "0", "0-1", "0,2-3", "^1" excludes (only after a range). Node numbers are bounded
+    by what a kernel can have, so a hostile range never builds a huge set."""
     nodes: set[int] = set()
     excluded: set[int] = set()
     for part in (p.strip() for p in text.split(",") if p.strip()):
         target = excluded if part.startswith("^") else nodes
         part = part.lstrip("^")
-        if "-" in part:
-            lo, hi = part.split("-", 1)
-            target.update(range(int(lo), int(hi) + 1))
-        else:
-            target.add(int(part))
+        try:
+            lo, hi = (int(x) for x in part.split("-", 1)) if "-" in part else (int(part), int(part))
+        except ValueError:
+            raise ConfigError(f"nodeset part {_token(part)} is not a node number or range") from None
+        if not 0 <= lo <= hi < MAX_NODES:
+            raise ConfigError(f"nodeset part {_token(part)} is not within nodes 0-{MAX_NODES - 1}")
+        target.update(range(lo, hi + 1))
     return sorted(nodes - excluded)
+
+
+def _token(text: str) -> str:
+    """Input as an error message may quote it: repr, at most 64 characters."""
+    shown = repr(text)
+    return shown if len(shown) <= 64 else shown[:61] + "..."
+
+
+_PCI_LIMITS = {"domain": 0xFFFF, "bus": 0xFF, "slot": 0x1F, "function": 0x7}
 
 
 def _pci_address(addr) -> str:
     def num(key: str) -> int:
         value = addr.get(key, "0")
-        return int(value, 16) if value.lower().startswith("0x") else int(value)
+        try:
+            number = int(value, 16) if value.lower().startswith("0x") else int(value)
+        except ValueError:
+            number = -1
+        if not 0 <= number <= _PCI_LIMITS[key]:
+            raise ConfigError(f"<hostdev> address {key} {_token(value)} is not a number from 0 to "
+                              f"{_PCI_LIMITS[key]:#x}")
+        return number
 
     return f"{num('domain'):04x}:{num('bus'):02x}:{num('slot'):02x}.{num('function'):x}"
 
@@ -120,17 +142,33 @@ _DTD = re.compile(r"<!\s*(DOCTYPE|ENTITY)", re.IGNORECASE)
 
 
 def parse_domain(xml: str) -> DomainSpec:
-    """Parse a libvirt domain definition (as libvirt hands it to hooks, or from ``virsh dumpxml``)."""
+    """Parse a libvirt domain definition (as libvirt hands it to hooks, or from ``virsh dumpxml``).
+
+    Any input gives a DomainSpec or a ConfigError whose message quotes at most short tokens of it.
+    """
     if _DTD.search(xml):
         raise ConfigError("domain XML with a DOCTYPE or ENTITY declaration is refused")
     try:
         root = ElementTree.fromstring(xml)
     except ElementTree.ParseError as err:
-        raise ConfigError(f"domain XML cannot be parsed: {err}") from err
+        # The position only: the parser's own message may quote the document.
+        line, column = getattr(err, "position", (0, 0))
+        raise ConfigError(f"domain XML cannot be parsed (line {line}, column {column})") from None
+    except (ValueError, RecursionError) as err:  # undecodable bytes, nesting deeper than Python's stack
+        raise ConfigError(f"domain XML cannot be parsed ({type(err).__name__})") from None
     if root.tag != "domain":
-        raise ConfigError(f"expected a <domain> document, got <{root.tag}>")
-    name = (root.findtext("name") or "").strip()
-    if not name:
+        raise ConfigError(f"expected a <domain> document, got <{_token(str(root.tag))[1:-1]}>")
+    try:
+        return _parse(root)
+    except (ValueError, OverflowError) as err:
+        # A number libvirt would have refused (memory, vcpu, a cell id): named by type, not echoed.
+        raise ConfigError(f"domain XML holds a value that is not a number ({type(err).__name__})") from None
+
+
+def _parse(root) -> DomainSpec:
+    # Exactly as libvirt keeps it: a name with leading or trailing spaces is still that VM's name.
+    name = root.findtext("name") or ""
+    if not name.strip():
         raise ConfigError("domain XML has no <name>")
 
     memory = root.find("memory")

@@ -42,7 +42,7 @@ class Janus:
         if config is None:
             try:
                 config = load_config(host.config_dir())
-            except JanusError as err:
+            except Exception as err:  # noqa: BLE001 - on the way back, any config problem means defaults
                 if not restoring:
                     raise
                 log.warning("%s; replaying with default settings", err)

@@ -88,6 +88,15 @@ def number(low: float, high: float) -> Validator:
     return check
 
 
+def empty_or(inner: Validator) -> Validator:
+    """A string that is either empty (the default: not set) or fits ``inner``."""
+
+    def check(value: Any) -> Any:
+        return value if value == "" else inner(value)
+
+    return check
+
+
 def optional(inner: Validator) -> Validator:
     def check(value: Any) -> Any:
         return None if value is None else inner(value)

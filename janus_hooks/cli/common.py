@@ -22,6 +22,7 @@ import click
 
 from janus_hooks.config import Config, load_config
 from janus_hooks.errors import JanusError
+from janus_hooks.files import ensure_private_dir
 from janus_hooks.host import Host, Runner, Services, SubprocessRunner, SystemdServices
 from janus_hooks.journal import JournalStore
 from janus_hooks.runtime import Janus
@@ -61,9 +62,11 @@ class Env:
     live: bool | None = None  # acts on the running system; None: when the root is /
     interactive: Callable[[], bool] = field(default=lambda: sys.stdin.isatty() and sys.stdout.isatty())
     progress: Callable[[], bool] = field(default=lambda: sys.stderr.isatty())
+    last_root: Path | None = None  # the host tree the command acts on, for the internal-error log
 
     def host(self, root: Path) -> Host:
-        return self.make_host(root.resolve())
+        self.last_root = root.resolve()
+        return self.make_host(self.last_root)
 
     def is_live(self, root: Path) -> bool:
         return self.live if self.live is not None else root.resolve() == Path("/")
@@ -113,11 +116,14 @@ def _bounded(fn: Callable[[], T], timeout: float, what: str) -> T:
 
 
 class JanusGroup(click.Group):
-    """Turns every JanusError or OSError into one line and exit status 1."""
+    """Turns every error into one line and exit status 1: JanusError and OSError as they are, anything else
+    (a bug) as "internal error" with the traceback in a log file the line names. Never a traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
         except JanusError as err:
             raise Failure(str(err)) from err
         except BrokenPipeError:
@@ -125,6 +131,32 @@ class JanusGroup(click.Group):
         except OSError as err:
             where = f"{err.filename}: " if err.filename else ""
             raise Failure(f"{where}{err.strerror or err}") from err
+        except Exception as err:  # noqa: BLE001 - the one place a bug becomes one line
+            env = ctx.obj if isinstance(ctx.obj, Env) else None
+            raise Failure(internal_error(err, env.last_root if env and env.last_root else Path("/"))) from err
+
+
+MAX_LINE = 300
+
+
+def internal_error(err: BaseException, root: Path) -> str:
+    """Log ``err``'s traceback to the CLI log below ``root`` and return the one line that names that log."""
+    import traceback
+
+    what = f"{type(err).__name__}: {err}"
+    what = what if len(what) <= 120 else what[:117] + "..."
+    try:
+        log_dir = ensure_private_dir(Host(root).log_dir())
+        path = log_dir / "cli.log"
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "a") as fh:
+            fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(map(repr, sys.argv))}\n")
+            fh.write("".join(traceback.format_exception(err)))
+        where = f"details in {path}"
+    except (OSError, JanusError) as log_err:
+        where = f"no log ({log_err})"
+    line = f"internal error ({what}); {where}"
+    return line if len(line) <= MAX_LINE else line[: MAX_LINE - 3] + "..."
 
 
 def root_option(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -192,7 +224,7 @@ def config_or_defaults(host: Host) -> Config:
     """The host's config, or the defaults when it is broken: for commands that put the host back."""
     try:
         return load_config(host.config_dir())
-    except JanusError:
+    except Exception:  # noqa: BLE001 - a broken config never keeps the host from being put back
         return Config()
 
 

@@ -131,9 +131,9 @@ def test_domain_refuses_bad_cpusets_and_isolate_values():
 
 
 @pytest.mark.parametrize(("text", "message"), [
-    ("[cpu]\nisolate = \"yes\"\n", "cpu.isolate must be true or false"),
-    ("[cpu]\ngovernor = \"perf ormance\"\n", "cpu.governor must be a cpufreq governor name"),
-    ("[cpu]\nisolated = true\n", "unknown key cpu.isolated"),
+    ("[cpu]\nisolate = \"yes\"\n", "janus.toml: cpu.isolate: 'yes' is not true or false"),
+    ("[cpu]\ngovernor = \"perf ormance\"\n", "janus.toml: cpu.governor: 'perf ormance' is not a cpufreq governor name"),
+    ("[cpu]\nisolated = true\n", "janus.toml: unknown key 'cpu.isolated'; did you mean cpu.isolate?"),
 ])
 def test_cpu_config_is_checked(pinned, text, message):
     h = pinned(config=text)
@@ -225,7 +225,7 @@ def test_toml_profile_asks_for_isolation(pinned):
     assert "janus-hooks.org" not in xml
     assert len(_plan(h, xml).actions) == 9
     profile.write_text('mode = "passthrough"\nisolate = "yes"\n')
-    assert "isolate must be true or false" in h.hook("win11", "prepare", "begin", xml)[1]
+    assert "win11.toml: isolate: 'yes' is not true or false" in h.hook("win11", "prepare", "begin", xml)[1]
 
 
 def test_emulator_on_the_housekeeping_cores_stays_shared(pinned):

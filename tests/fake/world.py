@@ -197,5 +197,5 @@ def snapshot_tree(root: Path) -> dict[str, tuple[str, str]]:
             if os.path.islink(full):
                 result[rel] = ("link", os.readlink(full))
             else:
-                result[rel] = ("file", Path(full).read_text())
+                result[rel] = ("file", Path(full).read_bytes().decode(errors="backslashreplace"))
     return result
