@@ -89,7 +89,7 @@ def test_config_edits_are_validated_and_the_last_good_config_stays(fake, run_age
     profile = h.root / "etc/janus-hooks/vms/win11.toml"
     profile.parent.mkdir(exist_ok=True)
     profile.write_text('mode = "sometimes"\n')  # a new directory and an invalid profile in it
-    _wait(lambda: f"{profile}: mode must be one of" in caplog.text, 10, "the invalid profile to be named")
+    _wait(lambda: f"{profile}: mode: 'sometimes' is not one of" in caplog.text, 10, "the invalid profile to be named")
 
 
 # --- devices -------------------------------------------------------------------------------------------------
