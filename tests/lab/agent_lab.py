@@ -93,6 +93,10 @@ class AgentLog:
 
 def start_agent(result: dict) -> subprocess.Popen | None:
     if FLAVOUR == "desktop":
+        result["unit_file"] = run(["systemctl", "cat", UNIT], check=False).stdout[-300:]
+        if not result["unit_file"]:
+            result["unit_files"] = sorted(os.listdir("/etc/systemd/system"))
+            run(["systemctl", "daemon-reload"])
         start = time.monotonic()
         # Type=notify: systemctl start returns once the agent said READY=1.
         run(["systemctl", "start", UNIT], timeout=180)
@@ -148,10 +152,16 @@ def main() -> int:
     for private in ("/var/lib/janus-hooks", "/var/log/janus-hooks"):
         if Path(private).is_dir():
             os.chmod(private, 0o700)
-    run([str(VENV_BIN / "janus-hooks"), "install", "--yes"])
+    installed = run([str(VENV_BIN / "janus-hooks"), "install", "--yes"])
+    result["install"] = installed.stdout.splitlines()[-8:]
     Path("/etc/janus-hooks/janus.toml").write_text("log_level = \"info\"\n[timeouts]\ndriver = 20.0\nmodule = 20.0\n")
     log = AgentLog()
-    agent = start_agent(result)
+    try:
+        agent = start_agent(result)
+    except SystemExit as err:
+        result["agent_start_error"] = str(err)
+        (OUT / f"agent-{FLAVOUR}.json").write_text(json.dumps(result, indent=2))
+        raise
     result["udev_source"] = next((line for line in log.lines() if "devices: following" in line), None)
     try:
         if FLAVOUR == "desktop":

@@ -9,7 +9,7 @@ import libvirt
 import pytest
 
 from tests.libvirt.agent_process import AgentProcess, kill9
-from tests.libvirt.conftest import PREFIX, RUN_DIR, VM_TIMEOUT, _services, journal_of, pool, wait_for
+from tests.libvirt.conftest import PREFIX, RUN_DIR, VM_TIMEOUT, _services, journal_of, pool, run, wait_for
 
 pytestmark = pytest.mark.libvirt
 
@@ -36,8 +36,13 @@ def libvirtd_back(libvirtd):
         pytest.skip("libvirtd was not started by scripts/libvirt-services: not killing someone else's daemon")
     yield libvirtd
     libvirtd.close()
+    _start_again()
+
+
+def _start_again() -> None:
     proc = _services("start")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    daemons = run(["ps", "-eo", "pid,stat,etime,comm"], 30, check=False).stdout.splitlines()
+    assert proc.returncode == 0, proc.stdout + proc.stderr + "\n".join(d for d in daemons if "virt" in d)
 
 
 def _start_managed(vms, name: str):
@@ -79,8 +84,7 @@ def test_libvirtd_killed_and_restarted_keeps_the_running_vm_and_rolls_back_the_d
     holding = pool()
     assert holding["nr"] == before["nr"] + max(0, PAGES - before["free"]), "more or less than one VM's pages freed"
     libvirtd_back.close()
-    proc = _services("start")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    _start_again()
     wait_for(lambda: agent.logged("libvirt at qemu:///system: connected", mark), VM_TIMEOUT,
              "the agent to reconnect")
     dom = vms.lookup(alive)
