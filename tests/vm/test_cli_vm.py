@@ -191,3 +191,32 @@ def test_guided_flow_through_a_pseudo_terminal(two_gpus, tmp_path):
     finally:
         child.close()
     assert child.exitstatus == 0, child.before
+
+
+def _pool_names(conn) -> list[str]:
+    return sorted(p.name() for p in conn.listAllStoragePools(0))
+
+
+def test_a_missing_default_pool_is_created_and_taken_back_on_failure(two_gpus, conn, tmp_path):
+    assert "default" not in _pool_names(conn)
+    base = ["--mode", "cpu-only", "--iso", two_gpus.iso, "--os", "win10", "--memory", "1GiB", "--virt-type", "qemu",
+            "--network", "user", "--apply", "--yes"]
+    password = tmp_path / "pw"
+    password.write_text("pw\n")
+    # The upload of the unattend ISO fails (the test driver has none): the pool made for it goes too.
+    failed = run(two_gpus.root, "create", "pooled", *base, "--unattend-user", "bob",
+                 "--unattend-password-file", str(password))
+    assert failed.exit_code == 1 and "removed what this run created" in failed.stderr
+    assert "default" not in _pool_names(conn) and "pooled" not in conn.listDefinedDomains()
+
+    made = run(two_gpus.root, "create", "pooled", *base)
+    assert made.exit_code == 0, made.output
+    assert "Created storage pool default at /var/lib/libvirt/images." in made.output
+    pool = conn.storagePoolLookupByName("default")
+    try:
+        assert pool.isActive() and pool.autostart()
+        assert pool.listVolumes() == ["pooled.qcow2"]
+    finally:
+        assert run(two_gpus.root, "delete", "pooled", "--storage", "--yes").exit_code == 0
+        pool.destroy()
+        pool.undefine()

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from dataclasses import replace
 from xml.etree import ElementTree
 
 import pytest
 
 from janus_hooks.domain import PROFILE_NS, parse_domain
+from janus_hooks.host import Host
+from janus_hooks.vm.request import resolve
 from tests.vm.variants import DGPU, IGPU, NVIDIA, VARIANTS, hosts, plan_of, xml_of
 
 POOL = "/var/lib/libvirt/images"
@@ -71,3 +74,17 @@ def test_every_variant_validates_against_libvirts_schema(roots, iso, tmp_path):
             if proc.returncode != 0:
                 failures.append(f"{path.name}: {proc.stdout}{proc.stderr}")
     assert not failures, "\n".join(failures)
+
+
+def test_pinned_vcpus_and_no_stealth(roots, iso, tmp_path):
+    plan = plan_of(VARIANTS[0], roots["passthrough"], "pinned", iso, "/dev/sdb", "kvm")
+    request = replace(plan.request, vcpus=2, cpu_pin=(2, 3), stealth=False)
+    xml = xml_of(resolve(request, Host(roots["passthrough"])), POOL)
+    root = ElementTree.fromstring(xml)
+    assert [(p.get("vcpu"), p.get("cpuset")) for p in root.findall("cputune/vcpupin")] == [("0", "2"), ("1", "3")]
+    assert root.find("features/kvm") is None and root.find("cpu/feature") is None
+    assert root.find("features/hyperv/vendor_id") is None and root.find("features/hyperv/relaxed") is not None
+    if shutil.which("virt-xml-validate") and shutil.which("xmllint"):
+        (tmp_path / "pinned.xml").write_text(xml)
+        subprocess.run(["virt-xml-validate", str(tmp_path / "pinned.xml"), "domain"], check=True, timeout=60,
+                       capture_output=True)
