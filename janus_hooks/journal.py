@@ -223,6 +223,27 @@ class JournalStore:
                 claimed[vm] = claimed.get(vm, frozenset()) | cores
         return claimed
 
+    def pending_hugepages(self, boot_id: str, except_vm: str | None,
+                          running: Callable[[str], bool]) -> dict[tuple[int, int | None], int]:
+        """Hugepages that other VMs' open journals (this boot) added and their QEMU has not taken yet:
+        {(size kB, node): pages}. Such pages show as free, yet they are that VM's; once its QEMU runs, the
+        kernel counts them as used or reserved itself. A node's pages count for the global pool too."""
+        pending: dict[tuple[int, int | None], int] = {}
+        by_vm: dict[str, list[Step]] = {}
+        for vm, step in self.open_steps(except_vm, boot_id):
+            if step.action.kind == "allocate-hugepages":
+                by_vm.setdefault(vm, []).append(step)
+        for vm, steps in by_vm.items():
+            if running(vm):
+                continue
+            for step in steps:
+                size, node = step.action.size_kb, step.action.node
+                pages = step.old.get("added", step.action.pages)
+                pending[(size, node)] = pending.get((size, node), 0) + pages
+                if node is not None:
+                    pending[(size, None)] = pending.get((size, None), 0) + pages
+        return pending
+
     def claims(self, except_vm: str | None = None) -> dict[str, str]:
         """PCI addresses that other VMs' open journals hold: {address: vm}.
 

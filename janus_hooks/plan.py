@@ -206,7 +206,12 @@ def _hugepages(b: _Builder) -> None:
         if pool is None:
             b.refuse(f"{where} has no {size} kB hugepage pool (VM {b.spec.name!r} asks for {size} kB pages)")
         needed = math.ceil(kb / size)
-        missing = needed - pool.free
+        # Free pages are not all available: some are reserved by mappings (a started QEMU), others were
+        # added for a VM whose QEMU has not started yet (two VMs started together must not share them).
+        # The kernel counts reservations for the global pool only; they bound what a node can offer too.
+        promised = b.snap.pending_hugepages.get((size, node), 0)
+        reserved = b.snap.hugepage_pools[(size, None)].reserved if (size, None) in b.snap.hugepage_pools else 0
+        missing = needed - max(0, pool.free - reserved - promised)
         if missing > 0:
             b.actions.append(AllocateHugepages(size, node, missing))
             missing_kb += missing * size

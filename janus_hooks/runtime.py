@@ -83,6 +83,10 @@ class Janus:
             cpu = CpuState.read(self.host, self.store.cpu_claims(self.host.boot_id(), except_vm=spec.name))
         snap = HostSnapshot.read(self.host, claims=self.store.claims(except_vm=spec.name),
                                  units_of_interest=tuple(self.config.stop_units) + units, cpu=cpu)
+        if spec.hugepages is not None:
+            pending = self.store.pending_hugepages(self.host.boot_id(), spec.name,
+                                                   lambda vm: self.host.vm_process(vm) is not None)
+            snap = replace(snap, pending_hugepages=pending)
         return make_plan(spec, mode, self.config, snap, units)
 
     def engine(self) -> Engine:

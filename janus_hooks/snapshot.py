@@ -93,6 +93,9 @@ class HostSnapshot:
     cpu: CpuState | None = None  # read only when a VM may be isolated
     sound_nodes: dict[str, tuple[str, ...]] = field(default_factory=dict)  # address -> its cards' /dev/snd nodes
     users: tuple[int, ...] = ()  # uids logind tracks (logged in or lingering)
+    # (size kB, node) -> pages other VMs' open journals added whose QEMU has not started: free in the pool,
+    # but promised (see JournalStore.pending_hugepages).
+    pending_hugepages: dict[tuple[int, int | None], int] = field(default_factory=dict)
 
     def function_nodes(self, address: str) -> tuple[str, ...]:
         """Every node through which a process keeps one PCI function busy: a card's, or its sound card's."""

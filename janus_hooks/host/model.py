@@ -124,3 +124,6 @@ class HugepagePool:
     node: int | None  # None: the global pool
     total: int
     free: int
+    # Promised to mappings that have not touched them yet (a started QEMU's hugetlbfs mmap): free, but
+    # not for anyone else. The kernel counts them for the global pool only.
+    reserved: int = 0

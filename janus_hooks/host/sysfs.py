@@ -407,7 +407,8 @@ class Host:
         base = self.hugepage_dir(size_kb, node)
         if not base.is_dir():
             return None
-        return HugepagePool(size_kb, node, _int(_read(base / "nr_hugepages")), _int(_read(base / "free_hugepages")))
+        return HugepagePool(size_kb, node, _int(_read(base / "nr_hugepages")), _int(_read(base / "free_hugepages")),
+                            _int(_read(self.hugepage_dir(size_kb, None) / "resv_hugepages")))
 
     def hugepage_total(self, size_kb: int, node: int | None = None) -> int | None:
         """nr_hugepages of one pool, with a single read (the hugepage step reads it back after each write)."""
