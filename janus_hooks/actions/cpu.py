@@ -223,8 +223,18 @@ class RestrictCgroupCpus(_CpuListStep):
         return ctx.host.cgroup_cpus(self.group)
 
     def _write(self, ctx: Context, value: str) -> None:
-        # An empty cpuset.cpus means "the parent's cores" in cgroup v2; the kernel takes "\n" for it.
-        ctx.host.kernel.write(ctx.host.cgroup_cpus_path(self.group), value or "\n")
+        path = ctx.host.cgroup_cpus_path(self.group)
+        try:
+            # An empty cpuset.cpus means "the parent's cores" in cgroup v2; the kernel takes "\n" for it.
+            ctx.host.kernel.write(path, value or "\n")
+        except KernelError as err:
+            if value or err.errno != errno.ENOSPC:
+                raise
+            # Seen on 6.1: a group with processes in it may not go back to an empty cpuset (ENOSPC). The
+            # parent of a top-level group is the root, whose cores are every online core: the same cores.
+            every = format_cpulist(ctx.host.cpus_online())
+            log.info("%s cannot be emptied while processes are in it: set to every online core (%s)", path, every)
+            ctx.host.kernel.write(path, every)
 
 
 @dataclass(frozen=True)

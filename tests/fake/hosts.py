@@ -48,8 +48,11 @@ def pinned_nvidia(root: Path, systemd: bool = True, irqbalance: bool = True, **c
     if irqbalance and systemd:
         b.unit("irqbalance.service", [{"pid": 700, "comm": "irqbalance", "fds": []}])
     elif irqbalance:
-        b.process(700, "irqbalance", [])
+        b.process(700, "irqbalance", [], cgroup="/openrc.irqbalance")
         write(root / "run/irqbalance.pid", "700\n")
+    if not systemd:
+        # A service in its own top-level group, as OpenRC's unified hierarchy has it.
+        b.process(710, "sshd", [], cgroup="/openrc.sshd")
     return b.build()
 
 

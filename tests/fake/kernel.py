@@ -15,7 +15,8 @@ Rules it enforces (the ones janus-hooks depends on, as seen on a real 6.1 kernel
 - ``nr_hugepages`` grants only what the node's memory allows; compaction frees fragmented pages;
 - ``scaling_governor`` takes only an available governor (EINVAL);
 - ``smp_affinity_list`` and ``cpuset.cpus`` take a cpulist of online cores (EINVAL otherwise; an empty
-  ``cpuset.cpus`` means the parent's) and read back normalised; IRQs listed as refusing answer EIO;
+  ``cpuset.cpus`` means the parent's, refused with ENOSPC once set while processes are in the group) and read
+  back normalised; IRQs listed as refusing answer EIO;
 - ``default_smp_affinity`` and workqueue ``cpumask`` take a hex mask with an online core in it.
 """
 
@@ -415,7 +416,18 @@ class FakeKernel:
 
     def _cpuset(self, rel: str, value: str) -> None:
         cpus = self._cpus(rel, value, parse_cpulist) if value else frozenset()
+        if not cpus and (self.root / rel).read_text().strip() and self._populated(rel.split("/")[-2]):
+            # As 6.1 does: a group with processes in it keeps a non-empty cpuset.
+            raise self._errno(rel, value, errno.ENOSPC)
         write(self.root / rel, format_cpulist(cpus) + "\n")
+
+    def _populated(self, group: str) -> bool:
+        proc = self.root / "proc"
+        for cgroup in proc.glob("*/cgroup"):
+            path = cgroup.read_text().strip().split("::", 1)[-1]
+            if path == f"/{group}" or path.startswith(f"/{group}/"):
+                return True
+        return False
 
     def _cpumask(self, rel: str, value: str) -> None:
         cpus = self._cpus(rel, value, parse_cpumask)

@@ -1,11 +1,12 @@
-"""CPU isolation INSIDE the desktop flavour of the real-kernel lab (systemd PID 1, cgroup v2, 2 cores):
+"""CPU isolation INSIDE the desktop flavour of the real-kernel lab (systemd PID 1, cgroup v2, 3 cores):
 
-    tests/lab/run --flavour desktop -- .venv/bin/python tests/lab/isolation.py
+    tests/lab/run --flavour desktop --smp 3 -- .venv/bin/python tests/lab/isolation.py
 
-A managed VM with no GPU, its one vCPU pinned to core 1 (``<janus:profile isolate="yes">``), is started
-through libvirtd and destroyed. Before, during and after, everything is read from the real system: systemd's
+Two managed VMs with no GPU, each with one vCPU pinned to its own core (1 and 2) and
+``<janus:profile isolate="yes">``, are started through libvirtd one after the other; the first is destroyed
+while the second runs, then the second. At each point everything is read from the real system: systemd's
 AllowedCPUs (``systemctl show``), the cgroups' cpuset files, every IRQ's affinity, the default IRQ affinity,
-the workqueue cpumasks, which cores a host process and the VM's vCPU thread may run on. Results go to
+the workqueue cpumasks, which cores host processes and the VMs' vCPU threads may run on. Results go to
 $LAB_OUT/isolation.json.
 """
 
@@ -22,9 +23,8 @@ import desktop
 import scenario
 from scenario import say, wait_for
 
-VM = "lab-isolated"
-CORE = 1  # the VM's; the host keeps core 0
-JOURNAL = Path("/var/lib/janus-hooks/journal") / f"{VM}.jsonl"
+VMS = {"lab-isolated": 1, "lab-isolated-2": 2}  # VM -> its core; the host keeps core 0
+JOURNALS = Path("/var/lib/janus-hooks/journal")
 UNITS = ("system.slice", "user.slice", "init.scope")
 CONFIG = desktop.CONFIG + """
 [cpu]
@@ -32,13 +32,13 @@ irqs = true
 workqueues = true
 """
 
-DOMAIN = f"""\
+DOMAIN = """\
 <domain type='qemu'>
-  <name>{VM}</name>
-  <metadata><janus:profile xmlns:janus='{scenario.PROFILE_NS}' mode='passthrough' isolate='yes'/></metadata>
+  <name>{vm}</name>
+  <metadata><janus:profile xmlns:janus='{ns}' mode='passthrough' isolate='yes'/></metadata>
   <memory unit='MiB'>64</memory>
   <vcpu placement='static'>1</vcpu>
-  <cputune><vcpupin vcpu='0' cpuset='{CORE}'/></cputune>
+  <cputune><vcpupin vcpu='0' cpuset='{core}'/></cputune>
   <os><type arch='x86_64' machine='pc'>hvm</type></os>
   <devices>
     <emulator>/usr/bin/qemu-system-x86_64</emulator>
@@ -77,12 +77,20 @@ def pid_of(comm: str) -> int | None:
     return None
 
 
-def vcpu_threads() -> dict[str, str | None]:
+def domain(vm: str) -> str:
+    return DOMAIN.format(vm=vm, core=VMS[vm], ns=scenario.PROFILE_NS)
+
+
+def journal(vm: str) -> Path:
+    return JOURNALS / f"{vm}.jsonl"
+
+
+def vcpu_threads(vm: str) -> dict[str, str | None]:
     """The VM's QEMU threads named "CPU n/TCG" and the cores each may run on."""
     found: dict[str, str | None] = {}
     for entry in os.listdir("/proc"):
-        cmdline = (read(f"/proc/{entry}/cmdline") or "") if entry.isdigit() else ""
-        if f"guest={VM}" not in cmdline:
+        cmdline = (read(f"/proc/{entry}/cmdline") or "").split("\0") if entry.isdigit() else []
+        if not any(arg.startswith(f"guest={vm},") for arg in cmdline):
             continue
         for task in os.listdir(f"/proc/{entry}/task"):
             name = read(f"/proc/{entry}/task/{task}/comm") or ""
@@ -110,15 +118,37 @@ def host_state() -> dict:
         "writeback_cpumask": read("/sys/bus/workqueue/devices/writeback/cpumask"),
         "logind_cpus": cpus_allowed(f"/proc/{logind}") if logind else None,
         "weston_cpus": cpus_allowed(f"/proc/{pid}") if (pid := pid_of("weston")) else None,
-        "vcpu_threads": vcpu_threads(),
-        "journal_open": JOURNAL.exists(),
+        "vcpu_threads": {vm: vcpu_threads(vm) for vm in VMS},
+        "journals_open": sorted(vm for vm in VMS if journal(vm).exists()),
     }
 
 
-def journal_records() -> list[dict]:
-    if not JOURNAL.exists():
+def journal_records(vm: str) -> list[dict]:
+    if not journal(vm).exists():
         return []
-    return [json.loads(line) for line in JOURNAL.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in journal(vm).read_text().splitlines() if line.strip()]
+
+
+def start(conn, vm: str, result: dict, domains: list) -> None:
+    say(f"virsh start {vm} ...")
+    dom, error, result[f"start_s {vm}"] = desktop.start_vm(conn, domain(vm))
+    domains.append(dom)
+    if error is not None:
+        raise RuntimeError(f"libvirt refused the start of {vm}: {error}")
+    result[f"journal {vm}"] = journal_records(vm)
+
+
+def destroy(dom, vm: str, result: dict) -> None:
+    say(f"virsh destroy {vm} ...")
+    t0 = time.monotonic()
+    dom.destroy()
+    wait_for(lambda: not journal(vm).exists(), 60, f"the journal of {vm} closing")
+    result[f"destroy_s {vm}"] = time.monotonic() - t0
+
+
+def record(result: dict, when: str) -> None:
+    result[when] = state = host_state()
+    say(f"{when}: AllowedCPUs {state['allowed']}, vCPU threads {state['vcpu_threads']}")
 
 
 def main() -> int:
@@ -129,30 +159,29 @@ def main() -> int:
     result: dict = {"setup": desktop.setup()}
     Path("/etc/janus-hooks/janus.toml").write_text(CONFIG)
     conn = scenario.connect()
-    result["before"] = host_state()
-    say(f"before: AllowedCPUs {result['before']['allowed']}, online {result['before']['online']}")
-    plan = subprocess.run([str(scenario.VENV_BIN / "janus-hooks"), "plan", VM, "--xml", "-"], input=DOMAIN,
-                          capture_output=True, text=True, timeout=120, check=False)
+    record(result, "before")
+    first, second = VMS
+    plan = subprocess.run([str(scenario.VENV_BIN / "janus-hooks"), "plan", first, "--xml", "-"],
+                          input=domain(first), capture_output=True, text=True, timeout=120, check=False)
     result["plan"] = plan.stdout + plan.stderr
     say(result["plan"])
-    say(f"virsh start {VM} ...")
-    dom, result["error"], result["start_s"] = desktop.start_vm(conn, DOMAIN)
+    domains: list = []
+    result["error"] = None
     try:
-        if result["error"] is None:
-            result["journal"] = journal_records()
-            result["during"] = host_state()
-            say(f"during: AllowedCPUs {result['during']['allowed']}, vCPU threads {result['during']['vcpu_threads']}")
-            say(f"virsh destroy {VM} ...")
-            t0 = time.monotonic()
-            dom.destroy()
-            result["released_s"] = wait_for(lambda: not JOURNAL.exists(), 60, "the journal closing")
-            result["destroy_s"] = time.monotonic() - t0
-        else:
-            say(f"libvirt refused the start: {result['error']}")
+        start(conn, first, result, domains)
+        record(result, "one")
+        start(conn, second, result, domains)
+        record(result, "both")
+        destroy(domains[0], first, result)
+        record(result, "second")
+        destroy(domains[1], second, result)
+    except Exception as err:  # noqa: BLE001 - the results say what happened, the test judges
+        result["error"] = str(err)
+        say(str(err))
     finally:
-        desktop.cleanup(dom)
-        result["after"] = host_state()
-        say(f"after: AllowedCPUs {result['after']['allowed']}")
+        for dom in domains:
+            desktop.cleanup(dom)
+        record(result, "after")
         scenario.OUT.mkdir(parents=True, exist_ok=True)
         (scenario.OUT / "isolation.json").write_text(json.dumps(result, indent=1, sort_keys=True))
         log = Path("/var/log/janus-hooks/hook.log")

@@ -146,8 +146,10 @@ def qemu_argv(
     inner_timeout: int,
     verbose: bool,
     flavour: str = "runit",
+    smp: int = 2,
 ) -> list[str]:
-    """QEMU command line: q35 with an emulated IOMMU, the bochs VGA at 00:02.0 and three 9p shares."""
+    """QEMU command line: q35 with an emulated IOMMU, ``smp`` CPUs, the bochs VGA at 00:02.0 and three 9p
+    shares."""
     append = [
         "console=ttyS0",
         "intel_iommu=on",
@@ -165,7 +167,7 @@ def qemu_argv(
         ("-accel", "tcg"),  # KVM is not usable on our machines
         ("-device", "intel-iommu,intremap=on,caching-mode=on"),
         ("-m", str(mem)),
-        ("-smp", "2"),
+        ("-smp", str(smp)),
         ("-kernel", lab["KERNEL"]),
         ("-initrd", lab["INITRD"]),
         ("-append", " ".join(append)),
@@ -203,13 +205,15 @@ def run_in_lab(
     verbose: bool = False,
     fresh: Sequence[str] = FRESH_DEFAULT,
     flavour: str = "runit",
+    smp: int = 2,
 ) -> LabResult:
     """Boot the lab, run ``argv`` in it and return its exit status, output and results directory.
 
     ``timeout`` bounds the whole run (build, boot, command, power-off). ``stream`` receives the console
     as it arrives. ``fresh`` lists absolute paths that start as empty directories (tmpfs) in the lab.
     ``flavour`` "desktop" boots systemd with a graphical session and starts the command once the desktop
-    is up (tests/lab/README.md). A timeout gives status 124, a lab that failed to boot (or whose desktop
+    is up (tests/lab/README.md). ``smp``: the lab's CPUs (each is a thread of the machine's QEMU under TCG).
+    A timeout gives status 124, a lab that failed to boot (or whose desktop
     did not come up) 125; ``message`` says which.
     """
     if not argv:
@@ -258,7 +262,7 @@ def run_in_lab(
     boot_at: list[float] = []
     log = (out / "console.log").open("w", encoding="utf-8")
     proc = subprocess.Popen(
-        qemu_argv(lab, out, mem, inner, verbose, flavour),
+        qemu_argv(lab, out, mem, inner, verbose, flavour, smp),
         stdin=subprocess.DEVNULL,  # QEMU would put a terminal on stdin into raw mode
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -339,6 +343,7 @@ def main(args: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--timeout", type=float, default=300, help="bound on the whole run (default 300 s)")
     parser.add_argument("--mem", type=int, help="lab memory in MiB (default 1536, desktop 2560)")
+    parser.add_argument("--smp", type=int, default=2, help="lab CPUs (default 2)")
     parser.add_argument(
         "--flavour", choices=FLAVOURS, default="runit", help="runit (default) or desktop (systemd, greetd, weston)"
     )
@@ -377,6 +382,7 @@ def main(args: Sequence[str] | None = None) -> int:
             verbose=opts.verbose,
             fresh=FRESH_DEFAULT if opts.fresh is None else opts.fresh,
             flavour=opts.flavour,
+            smp=opts.smp,
         )
     except (LabError, subprocess.TimeoutExpired, OSError) as err:
         print(f"lab: cannot run the lab: {err}", file=sys.stderr)

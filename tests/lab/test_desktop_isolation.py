@@ -1,5 +1,6 @@
-"""CPU isolation for real: the desktop flavour of the lab (systemd PID 1, cgroup v2, 2 cores), booted once for
-this module, starts a managed VM pinned to core 1 through libvirtd (tests/lab/isolation.py).
+"""CPU isolation for real: the desktop flavour of the lab (systemd PID 1, cgroup v2, 3 cores), booted once for
+this module, starts two managed VMs pinned to cores 1 and 2 through libvirtd, destroys the first while the
+second runs, then the second (tests/lab/isolation.py).
 
 Every assertion is on what the scenario read from the lab's systemd, cgroupfs and /proc, never on janus-hooks'
 own output. The lab has no cpufreq: the governor step is covered on the fake kernel only.
@@ -24,55 +25,84 @@ pytestmark = pytest.mark.lab
 FRESH = ("/etc/libvirt/hooks", "/etc/libvirt/qemu", "/etc/janus-hooks", "/var/lib/janus-hooks",
          "/var/log/janus-hooks")
 UNITS = ("system.slice", "user.slice", "init.scope")
+FIRST, SECOND = "lab-isolated", "lab-isolated-2"  # pinned to cores 1 and 2
 
 
 @pytest.fixture(scope="module")
 def isolated():
     if shutil.which("qemu-system-x86_64") is None:
         pytest.fail("qemu-system-x86_64 is missing: run scripts/bootstrap")
-    result = run_in_lab([".venv/bin/python", "tests/lab/isolation.py"], timeout=900, fresh=FRESH, flavour="desktop")
+    result = run_in_lab([".venv/bin/python", "tests/lab/isolation.py"], timeout=1200, fresh=FRESH, flavour="desktop",
+                        smp=3)
     path = result.out_dir / "isolation.json"
     assert path.exists(), f"the scenario wrote no results: {result.message}\n{result.output[-4000:]}"
-    return json.loads(path.read_text())
+    data = json.loads(path.read_text())
+    assert data["error"] is None, data["error"]
+    return data
 
 
 def _cpus(text: str) -> set[int]:
     cpus: set[int] = set()
-    for part in filter(None, text.split(",")):
+    for part in text.replace(",", " ").split():
         lo, _, hi = part.partition("-")
         cpus.update(range(int(lo), int(hi or lo) + 1))
     return cpus
 
 
-def test_the_pinned_vm_starts_through_libvirt_and_the_host_is_moved_off_its_core(isolated):
-    assert isolated["error"] is None, isolated["error"]
-    before, during = isolated["before"], isolated["during"]
-    assert before["online"] == "0-1" and before["cgroup2"] is True
-    assert during["allowed"] == {u: "AllowedCPUs=0" for u in UNITS}
+def _mask(text: str) -> set[int]:
+    value = int(text.replace(",", ""), 16)
+    return {i for i in range(value.bit_length()) if value >> i & 1}
+
+
+def _refused(isolated: dict, vm: str) -> set[str]:
+    """IRQs the kernel would not move for ``vm`` (EIO), from its journal's move-irqs step."""
+    records = isolated[f"journal {vm}"]
+    step = next(r["step"] for r in records if r.get("type") == "intent" and r["action"]["kind"] == "move-irqs")
+    done = next(r for r in records if r.get("type") == "done" and r["step"] == step)
+    return {str(irq) for irq in done["result"]["refused"]}
+
+
+def assert_host_keeps(state: dict, host: set[int], refused: set[str]) -> None:
+    """The host's work may run only on ``host``: systemd's word, the kernel's cgroups, real processes, IRQs."""
+    allowed = {u: _cpus(state["allowed"][u].split("=", 1)[1]) for u in UNITS}
+    assert allowed == dict.fromkeys(UNITS, host)
     for unit in UNITS:
-        assert _cpus(during["cpuset_effective"][unit]) == {0}, unit
-    # Host processes (a system service, the user's compositor) may no longer run on the VM's core ...
-    assert during["logind_cpus"] == "0" and during["weston_cpus"] == "0"
-    # ... while the VM's vCPU thread runs there.
-    assert during["vcpu_threads"] and set(during["vcpu_threads"].values()) == {"1"}
+        assert _cpus(state["cpuset_effective"][unit]) == host, unit
+    assert _cpus(state["logind_cpus"]) == host and _cpus(state["weston_cpus"]) == host
+    others = {irq for irq, cpus in state["irqs"].items() if cpus is not None and _cpus(cpus) - host}
+    assert others <= refused, f"IRQs still off the host's cores: {sorted(others - refused)}"
+    assert len(state["irqs"]) > len(refused)
+    for mask in ("default_smp_affinity", "workqueue_cpumask", "writeback_cpumask"):
+        assert _mask(state[mask]) == host, mask
 
 
-def test_irqs_leave_the_vms_core_except_those_the_kernel_keeps(isolated):
-    during = isolated["during"]
-    moves = [r for r in isolated["journal"] if r.get("type") == "intent" and r["action"]["kind"] == "move-irqs"]
-    done = [r for r in isolated["journal"] if r.get("type") == "done" and r["step"] == moves[0]["step"]]
-    refused = {str(irq) for irq in done[0]["result"]["refused"]}
-    on_core = {irq for irq, cpus in during["irqs"].items() if cpus is not None and 1 in _cpus(cpus)}
-    assert on_core <= refused, f"IRQs still on core 1: {sorted(on_core - refused)}"
-    assert len(during["irqs"]) > len(refused)
-    assert int(during["default_smp_affinity"].replace(",", ""), 16) == 0b01
-    assert int(during["workqueue_cpumask"].replace(",", ""), 16) == 0b01
-    assert int(during["writeback_cpumask"].replace(",", ""), 16) == 0b01
+def test_a_vm_pinned_to_core_1_moves_the_host_off_it(isolated):
+    before, one = isolated["before"], isolated["one"]
+    assert before["online"] == "0-2" and before["cgroup2"] is True
+    assert one["journals_open"] == [FIRST]
+    assert_host_keeps(one, {0, 2}, _refused(isolated, FIRST))
+    # The VM's vCPU thread runs on its core.
+    assert set(one["vcpu_threads"][FIRST].values()) == {"1"}
 
 
-def test_after_destroy_everything_reads_as_before(isolated):
+def test_a_second_vm_on_core_2_leaves_the_host_core_0(isolated):
+    both = isolated["both"]
+    assert both["journals_open"] == [FIRST, SECOND]
+    assert_host_keeps(both, {0}, _refused(isolated, FIRST) | _refused(isolated, SECOND))
+    assert set(both["vcpu_threads"][FIRST].values()) == {"1"}
+    assert set(both["vcpu_threads"][SECOND].values()) == {"2"}
+
+
+def test_the_first_release_gives_back_its_core_only(isolated):
+    second = isolated["second"]
+    assert second["journals_open"] == [SECOND]
+    assert_host_keeps(second, {0, 1}, _refused(isolated, SECOND))
+    assert set(second["vcpu_threads"][SECOND].values()) == {"2"}
+
+
+def test_after_the_last_release_everything_reads_as_before(isolated):
     before, after = isolated["before"], isolated["after"]
-    assert after["journal_open"] is False
+    assert after["journals_open"] == []
     # systemd enables the cpuset controller for the top-level groups while a unit has AllowedCPUs, and
     # takes it away again once none has: the cgroup tree itself reads as before.
     for key in ("allowed", "cpuset", "cpuset_effective", "subtree_control", "irqs", "default_smp_affinity",
