@@ -336,7 +336,8 @@ def _free_gpu(b: _Builder, gpus: list[PciDevice], addresses: tuple[str, ...], no
             continue  # the display stop command is expected to end it; WaitReleased checks
         b.refuse(_held(b, hold, addresses, gpus))
     if b.snap.systemd:
-        b.actions += [StopUnit(u) for u in units]
+        dm = (b.config.display_manager or b.snap.display_manager) if single else None
+        b.actions += [StopUnit(u, seat="seat0" if u == dm else "") for u in units]
         b.actions += [EndSession(s, uid) for s, uid in sessions.items()]
         b.actions += [StopUserUnit(uid, unit) for uid, unit in user_units]
     else:

@@ -9,7 +9,9 @@ from typing import Any
 from janus_hooks.actions.base import Action, Context, wait_until
 from janus_hooks.errors import StepFailed
 from janus_hooks.host.runner import check
-from janus_hooks.schema import DEV_NODE, SESSION, UNIT, argv, boolean, integer, list_of
+from janus_hooks.schema import DEV_NODE, SESSION, UNIT, argv, boolean, integer, list_of, pattern
+
+SEAT = pattern(r"(seat[A-Za-z0-9_-]{1,60})?", "a logind seat name (seat0)")
 
 log = logging.getLogger(__name__)
 
@@ -17,9 +19,11 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class StopUnit(Action):
     kind = "stop-unit"
-    schema = {"unit": UNIT}
+    schema = {"unit": UNIT, "seat": SEAT}
     old_schema = {"active": boolean}
     unit: str
+    # A display manager: started again only once logind says this seat can draw (udev tagged the card).
+    seat: str = ""
 
     def describe(self) -> str:
         return f"stop {self.unit}"
@@ -37,7 +41,20 @@ class StopUnit(Action):
 
     def revert(self, ctx: Context, old: dict[str, Any]) -> None:
         if old.get("active") and not ctx.services.is_active(self.unit):
+            if self.seat:
+                self._wait_for_seat(ctx)
             ctx.services.start(self.unit, ctx.config.timeouts.unit_stop)
+
+    def _wait_for_seat(self, ctx: Context) -> None:
+        # The driver is back by now (undone first), but logind counts the card only once udev tagged it for
+        # the seat; a display manager started before that finds no usable seat and some give up.
+        try:
+            waited = wait_until(ctx, lambda: ctx.services.can_graphical(self.seat), ctx.config.timeouts.driver,
+                                f"{self.seat} becoming able to draw (logind's CanGraphical)")
+            log.info("%s can draw again after %.0f ms", self.seat, waited * 1000)
+        except StepFailed as err:
+            # Starting it anyway is the better bet: the display manager may still find the card.
+            ctx.warn(f"{err}; starting {self.unit} anyway")
 
 
 @dataclass(frozen=True)

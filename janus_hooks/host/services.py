@@ -22,6 +22,8 @@ class Services(Protocol):
 
     def user_manager_running(self, uid: int) -> bool: ...
 
+    def can_graphical(self, seat: str) -> bool: ...
+
     def user_is_active(self, uid: int, unit: str) -> bool: ...
 
     def stop_user(self, uid: int, unit: str, timeout: float) -> None: ...
@@ -61,6 +63,11 @@ class SystemdServices:
 
     def user_manager_running(self, uid: int) -> bool:
         return self.is_active(f"user@{uid}.service")
+
+    def can_graphical(self, seat: str) -> bool:
+        """logind's CanGraphical for ``seat``: a card udev tagged for it is there (no seat: False)."""
+        result = self._runner.run(["loginctl", "show-seat", seat, "--property=CanGraphical", "--value"], 5.0)
+        return result.returncode == 0 and result.stdout.strip() == "yes"
 
     def user_is_active(self, uid: int, unit: str) -> bool:
         return self._runner.run([*self._user(uid), "is-active", "--quiet", unit], 15.0).returncode == 0

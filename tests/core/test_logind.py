@@ -10,7 +10,7 @@ from tests.conftest import domain_xml
 from tests.core.helpers import assert_same_tree
 from tests.fake import hosts
 from tests.fake.builder import HostBuilder
-from tests.fake.world import LOGIND_PID, open_fd
+from tests.fake.world import LOGIND_PID, load_world, open_fd, save_world
 
 XML = domain_xml(hostdevs=hosts.DESKTOP_FUNCTIONS)
 
@@ -82,3 +82,61 @@ def test_real_kcmp_tells_one_open_file_from_two(tmp_path):
     finally:
         for n in (fd, dup, other):
             os.close(n)
+
+
+def test_display_manager_starts_only_once_seat0_can_draw(fake):
+    def build(root):
+        hosts.systemd_desktop(root)
+        world = load_world(root)
+        world["seat_lag"] = 3  # udev takes a while to tag the card that came back
+        save_world(root, world)
+        return root
+
+    h = fake(build)
+    before = h.snapshot()
+    assert h.hook("win11", "prepare", "begin", XML) == (0, "")
+    h.services.calls.clear()
+    assert h.hook("win11", "release", "end", XML) == (0, "")
+    calls = h.services.calls
+    start = calls.index(("start", "greetd.service"))
+    assert calls[:start].count(("can-graphical", "seat0")) == 4  # three times no, then yes
+    assert ("can-graphical", "seat0") not in calls[start:]
+    assert_same_tree(before, h.snapshot())
+    assert h.janus().store.notes("win11") == []
+
+
+def test_a_seat_that_never_can_draw_is_a_warning_and_the_display_manager_is_started_anyway(fake):
+    def build(root):
+        hosts.systemd_desktop(root)
+        world = load_world(root)
+        world["seat_lag"] = 10**6
+        save_world(root, world)
+        return root
+
+    h = fake(build)
+    assert h.hook("win11", "prepare", "begin", XML) == (0, "")
+    assert h.hook("win11", "release", "end", XML) == (0, "")
+    assert ("start", "greetd.service") in h.services.calls
+    assert h.journal_vms() == []
+    assert h.janus().store.notes("win11") == [
+        "seat0 becoming able to draw (logind's CanGraphical) did not happen within 0.3 s; "
+        "starting greetd.service anyway"]
+
+
+def test_can_graphical_asks_logind():
+    from janus_hooks.host.runner import Result
+    from janus_hooks.host.services import SystemdServices
+
+    class Runner:
+        def __init__(self, out: str, code: int = 0) -> None:
+            self.out, self.code, self.calls = out, code, []
+
+        def run(self, argv, timeout):
+            self.calls.append(tuple(argv))
+            return Result(tuple(argv), self.code, self.out, "")
+
+    yes = Runner("yes\n")
+    assert SystemdServices(yes).can_graphical("seat0") is True
+    assert yes.calls == [("loginctl", "show-seat", "seat0", "--property=CanGraphical", "--value")]
+    assert SystemdServices(Runner("no\n")).can_graphical("seat0") is False
+    assert SystemdServices(Runner("", 1)).can_graphical("seat0") is False

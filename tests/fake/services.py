@@ -11,6 +11,7 @@ controller enabled for the top-level groups while a unit needs it, and the unit'
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -89,6 +90,27 @@ class FakeServices:
     def terminate_session(self, session_id: str, timeout: float) -> None:
         self.calls.append(("terminate-session", session_id))
         self._end_session(session_id)
+
+    def can_graphical(self, seat: str) -> bool:
+        """seat0 can draw while a display device is bound to its own driver, once udev processed it:
+        ``seat_lag`` (world) answers no that many more times after each bind, as a slow udev would."""
+        self.calls.append(("can-graphical", seat))
+        world = load_world(self.root)
+        drawing = any(
+            spec.get("native") and (dev := self.root / "sys/bus/pci/devices" / address / "driver").is_symlink()
+            and os.path.basename(os.readlink(dev)) == spec["native"]
+            and (self.root / "sys/bus/pci/devices" / address / "class").read_text().startswith("0x03")
+            for address, spec in world.get("devices", {}).items()
+        )
+        lag = self.root / ".fake/seat-lag"
+        if not drawing:
+            lag.unlink(missing_ok=True)
+            return False
+        left = int(lag.read_text()) if lag.exists() else world.get("seat_lag", 0)
+        if left > 0:
+            write(lag, f"{left - 1}\n")
+            return False
+        return True
 
     # --- users' systemd instances ---------------------------------------------------------------------
     def user_manager_running(self, uid: int) -> bool:
