@@ -152,6 +152,26 @@ def _shared_plan(b: _Builder, addresses: tuple[str, ...]) -> Plan:
     return Plan(vm, b.mode, addresses, tuple(b.actions), tuple(b.notes))
 
 
+PCI_CLASS_STORAGE = 0x01
+
+
+def _refuse_host_critical(b: _Builder, dev: PciDevice) -> None:
+    """Every device the plan unbinds is checked (the whole IOMMU group must be hostdevs, see below), and no
+    option forces these: the host would hang or be cut off."""
+    vm = b.spec.name
+    if dev.is_bridge:
+        b.refuse(f"PCI device {dev.address} of VM {vm!r} is a bridge or root port: every device behind it would "
+                 "lose its path; pass the devices behind it instead")
+    reason = b.snap.critical.reasons.get(dev.address)
+    if reason:
+        b.refuse(f"PCI device {dev.address} of VM {vm!r} cannot be taken from the host: {reason}")
+    # A mass-storage controller cannot be proven safe while some mounted storage could not be followed to
+    # its controllers (a ZFS root, say). USB controllers are not held to this: a GPU's USB-C function is one.
+    if b.snap.critical.unresolved and dev.base_class == PCI_CLASS_STORAGE:
+        b.refuse(f"PCI device {dev.address} of VM {vm!r} may hold the host's storage, which could not be "
+                 f"followed to its controllers ({b.snap.critical.unresolved[0]})")
+
+
 def _check_devices(b: _Builder, addresses: tuple[str, ...]) -> list[PciDevice]:
     snap, vm = b.snap, b.spec.name
     for address in addresses:
@@ -160,6 +180,7 @@ def _check_devices(b: _Builder, addresses: tuple[str, ...]) -> list[PciDevice]:
             b.refuse(f"PCI device {address} of VM {vm!r} does not exist on this host")
         if address in snap.claims:
             b.refuse(f"PCI device {address} is in use by VM {snap.claims[address]!r} (its journal is open)")
+        _refuse_host_critical(b, dev)
         if dev.iommu_group is None:
             b.refuse(f"PCI device {address} has no IOMMU group: enable the IOMMU (intel_iommu=on or amd_iommu=on)")
         for member in snap.groups.get(dev.iommu_group, ()):

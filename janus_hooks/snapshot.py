@@ -17,6 +17,7 @@ from janus_hooks.host import (
     Session,
     VtConsole,
 )
+from janus_hooks.host.critical import CriticalDevices, critical_devices
 
 DISPLAY_MANAGER_ALIAS = "display-manager.service"
 KNOWN_DISPLAY_MANAGERS = (
@@ -96,6 +97,7 @@ class HostSnapshot:
     # (size kB, node) -> pages other VMs' open journals added whose QEMU has not started: free in the pool,
     # but promised (see JournalStore.pending_hugepages).
     pending_hugepages: dict[tuple[int, int | None], int] = field(default_factory=dict)
+    critical: CriticalDevices = field(default_factory=CriticalDevices)  # what the host cannot lose
 
     def function_nodes(self, address: str) -> tuple[str, ...]:
         """Every node through which a process keeps one PCI function busy: a card's, or its sound card's."""
@@ -166,4 +168,5 @@ class HostSnapshot:
             cpu=cpu,
             sound_nodes={a: nodes for a in devices if (nodes := tuple(host.sound_nodes_of(a)))},
             users=tuple(host.logind_users()),
+            critical=critical_devices(host),
         )
