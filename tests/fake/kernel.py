@@ -210,7 +210,9 @@ class FakeKernel:
         if op == "unbind":
             if self._driver_of(value) != driver:
                 raise self._errno(rel, value, errno.ENODEV)
-            held = held_sound_nodes(self.root, value)
+            # Only the sound driver's remove() waits for the card's files (vfio-pci has no sound card).
+            native = self._world()["devices"][value].get("native")
+            held = held_sound_nodes(self.root, value) if driver == native else []
             if held:
                 # snd_hda_intel's remove() sleeps in snd_card_free until the card's last file is closed; the
                 # real kernel seam gives up at its deadline, the writer finishes when the holder lets go.
