@@ -20,7 +20,8 @@ APP_NAME = "janus-hooks"
 
 
 def notify_argv(uid: int, summary: str, body: str) -> list[str]:
-    return ["busctl", "--user", f"--machine={uid}@.host", "call",
+    # "--": busctl's getopt would take the -1 (no expiry) or a reason starting with "-" for options.
+    return ["busctl", "--user", f"--machine={uid}@.host", "--", "call",
             "org.freedesktop.Notifications", "/org/freedesktop/Notifications", "org.freedesktop.Notifications",
             "Notify", "susssasa{sv}i", APP_NAME, "0", "dialog-error", summary, body, "0", "0", "-1"]
 

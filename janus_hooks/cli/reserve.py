@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -36,12 +38,18 @@ def _finish(env: Env, root: Path, changes: list[res.FileChange]) -> None:
         warn(f"{' '.join(res.UPDATE_INITRAMFS)} failed: {result.reason()}; run it again before rebooting")
 
 
+def _options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed((click.argument("address"), root_option,
+                            click.option("--dry-run", is_flag=True, help="Show what would change; change nothing."),
+                            click.option("--yes", "-y", is_flag=True,
+                                         help="Apply without asking (needed when not on a terminal)."),
+                            click.pass_obj)):
+        fn = option(fn)
+    return fn
+
+
 @click.command(short_help="Keep a second GPU on vfio-pci from boot on.")
-@click.argument("address")
-@root_option
-@click.option("--dry-run", is_flag=True, help="Show what would be written; change nothing.")
-@click.option("--yes", "-y", is_flag=True, help="Apply without asking (needed when not on a terminal).")
-@click.pass_obj
+@_options
 def reserve(env: Env, address: str, root: Path, dry_run: bool, yes: bool) -> None:
     """Reserve the GPU at ADDRESS for VMs: from the next boot on, every function
     of it goes to vfio-pci when it appears, before any host driver sees it.
@@ -71,11 +79,7 @@ def reserve(env: Env, address: str, root: Path, dry_run: bool, yes: bool) -> Non
 
 
 @click.command(short_help="Give a reserved GPU back to its host driver at the next boot.")
-@click.argument("address")
-@root_option
-@click.option("--dry-run", is_flag=True, help="Show what would be removed; change nothing.")
-@click.option("--yes", "-y", is_flag=True, help="Apply without asking (needed when not on a terminal).")
-@click.pass_obj
+@_options
 def unreserve(env: Env, address: str, root: Path, dry_run: bool, yes: bool) -> None:
     """Undo 'janus-hooks reserve ADDRESS': from the next boot on, the GPU goes
     to its host driver again."""

@@ -161,7 +161,7 @@ def test_a_failed_start_is_shown_once_a_graphical_session_is_active_on_seat0(fak
     write(sessions / "c9", "UID=1000\nUSER=ann\nACTIVE=1\nTYPE=wayland\nSEAT=seat0\n")
     _wait(lambda: runner.calls, 10, "the notification")
     agent.idle()
-    assert runner.calls == [("busctl", "--user", "--machine=1000@.host", "call", "org.freedesktop.Notifications",
+    assert runner.calls == [("busctl", "--user", "--machine=1000@.host", "--", "call", "org.freedesktop.Notifications",
                              "/org/freedesktop/Notifications", "org.freedesktop.Notifications", "Notify",
                              "susssasa{sv}i", "janus-hooks", "0", "dialog-error", "VM broken did not start", line,
                              "0", "0", "-1")]

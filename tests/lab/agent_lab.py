@@ -118,7 +118,7 @@ def notification(result: dict, log: AgentLog) -> None:
     env = {"PATH": "/usr/bin:/bin", "DBUS_SESSION_BUS_ADDRESS": f"unix:path=/run/user/{DESK_UID}/bus",
            "XDG_RUNTIME_DIR": f"/run/user/{DESK_UID}", "HOME": "/home/desk"}
     RECORD.unlink(missing_ok=True)
-    recorder = subprocess.Popen(["runuser", "-u", "desk", "--", "/usr/bin/python3",
+    recorder = subprocess.Popen(["/usr/sbin/runuser", "-u", "desk", "--", "/usr/bin/python3",
                                  str(scenario.REPO / "tests/lab/notify_recorder.py"), str(RECORD)],
                                 env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -165,7 +165,10 @@ def main() -> int:
     result["udev_source"] = next((line for line in log.lines() if "devices: following" in line), None)
     try:
         if FLAVOUR == "desktop":
-            notification(result, log)
+            try:
+                notification(result, log)
+            except (OSError, SystemExit) as err:
+                result["notify_error"] = repr(err)
         result["driver_before"] = driver(GPU)
         # The stand-in for QEMU (libvirt's -name guest=VM is how janus-hooks recognises a VM's process),
         # started before the prepare: with no libvirt in the lab, no STARTED event tells the agent when a

@@ -58,6 +58,7 @@ def test_desktop_lab_unit_udev_source_and_the_notification():
     assert unit["Type"] == "notify" and unit["ActiveState"] == "active" and unit["SubState"] == "running", unit
     assert unit["WatchdogUSec"] in ("1min", "60s", "60000000"), unit
     assert data["udev_source"] and "from the udev source" in data["udev_source"]
+    assert "refused" in data, data.get("notify_error")
     refused = data["refused"]
     assert refused["returncode"] == 1
     assert data["failure_record"]["reason"] == refused["stderr"]

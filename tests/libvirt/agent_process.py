@@ -68,26 +68,6 @@ class AgentProcess:
         return code
 
 
-def ctxt_switches(pid: int) -> int:
-    """Voluntary + involuntary context switches over every thread of ``pid``: its wakeups."""
-    total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            for line in (task / "status").read_text().splitlines():
-                if line.startswith(("voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:")):
-                    total += int(line.split()[1])
-        except OSError:
-            continue  # a thread that just ended
-    return total
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
 def wait_dead(pid: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while Path(f"/proc/{pid}").exists():
