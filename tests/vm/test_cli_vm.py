@@ -3,6 +3,7 @@ in process, no daemon; the libvirt suite does the same through the real libvirtd
 
 from __future__ import annotations
 
+import io
 import sys
 from pathlib import Path
 
@@ -220,3 +221,36 @@ def test_a_missing_default_pool_is_created_and_taken_back_on_failure(two_gpus, c
         assert run(two_gpus.root, "delete", "pooled", "--storage", "--yes").exit_code == 0
         pool.destroy()
         pool.undefine()
+
+
+def test_guided_account_password_is_read_without_echo(two_gpus):
+    pexpect = pytest.importorskip("pexpect")
+    cli_path = str(Path(sys.executable).with_name("janus-hooks"))
+    secret = "Tr0ub4dor&3"
+    child = pexpect.spawn(cli_path, ["vm", "create", "unattended", "--root", str(two_gpus.root), "--connect",
+                                     TEST_URI, "--mode", "cpu-only", "--iso", two_gpus.iso, "--os", "win11",
+                                     "--memory", "4GiB", "--vcpus", "1", "--no-hugepages", "--storage", "file",
+                                     "--disk-size", "1GiB", "--virt-type", "qemu", "--network", "user",
+                                     "--pool", POOL], encoding="utf-8", timeout=60, dimensions=(50, 200))
+    # Everything read from the terminal, the terminal's own echo of what was typed included.
+    transcript = io.StringIO()
+    child.logfile_read = transcript
+    try:
+        child.expect(r"virtio drivers ISO \(empty: none\): ")
+        child.sendline("")
+        child.expect(r"Local account .*: ")
+        child.sendline("alice")
+        child.expect(r"Password for alice \(not shown\): ")
+        child.sendline(secret)
+        child.expect("Repeat for confirmation: ")
+        child.sendline(secret)
+        child.expect("account alice: this ISO holds the password in clear text")
+        child.expect(r"Create VM 'unattended' now\? \[Y/n\]: ")
+        child.sendline("n")
+        child.expect("Nothing was created.")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+    assert "alice" in transcript.getvalue()  # echoed, unlike the password
+    assert secret not in transcript.getvalue()
