@@ -109,7 +109,7 @@ def _cgroup_steps(spec: DomainSpec, systemd: bool, cpu: CpuState, cores: tuple[i
         return [RestrictUnitCpus(spec.name, cores, unit) for unit in SYSTEMD_GROUPS]
     if "cpuset" not in cpu.root_controllers:
         raise PlanRefused(f"CPU isolation of VM {spec.name!r} needs the cpuset controller for the top-level "
-                          "cgroups: add +cpuset to /sys/fs/cgroup/cgroup.subtree_control")
+                          "cgroups: add +cpuset to the root cgroup's cgroup.subtree_control")
     groups = [g for g in cpu.cpuset_groups if g not in MACHINE_GROUPS]
     return [RestrictCgroupCpus(spec.name, cores, group) for group in groups]
 

@@ -38,6 +38,7 @@ from janus_hooks.domain import SHARED_VRAM, DomainSpec
 from janus_hooks.errors import PlanRefused
 from janus_hooks.gpu import backend_for, quirks
 from janus_hooks.host import Module, PciDevice, ProcessHold
+from janus_hooks.host.sysfs import dev_node
 from janus_hooks.isolation import isolation_steps
 from janus_hooks.snapshot import HostSnapshot
 
@@ -373,7 +374,7 @@ def _free_gpu(b: _Builder, gpus: list[PciDevice], addresses: tuple[str, ...], no
 def _held(b: _Builder, hold: ProcessHold, addresses: tuple[str, ...], gpus: list[PciDevice]) -> str:
     """The refusal for a holder janus-hooks may not stop: which function, who, and what the person can do."""
     address = next((a for a in addresses if hold.node in b.snap.function_nodes(a)), gpus[0].address)
-    audio = hold.node.startswith("/dev/snd/")
+    audio = hold.node.startswith(dev_node("snd/"))
     what = "audio function" if audio else "GPU"
     if hold.unit:
         where, remedy = f" (unit {hold.unit})", "close it or list its unit in display.stop_units"

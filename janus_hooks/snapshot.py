@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 from janus_hooks.actions.cpu import IRQBALANCE_UNIT
@@ -119,10 +118,7 @@ class HostSnapshot:
             if dev.iommu_group is not None and dev.iommu_group not in groups:
                 groups[dev.iommu_group] = tuple(host.iommu_group_members(dev.iommu_group))
         drivers = {d.driver for d in devices.values() if d.driver}
-        try:
-            module_names = os.listdir(host.path("sys/module"))
-        except OSError:
-            module_names = []
+        module_names = host.module_dirs()
         modules = {m.name: m for n in module_names if (m := host.module(n)) is not None}
         pools = {}
         for size in host.hugepage_sizes():

@@ -282,6 +282,13 @@ class Host:
             holders = ()
         return Module(name, _int(_read(base / "refcnt")), holders)
 
+    def module_dirs(self) -> list[str]:
+        """Every entry of /sys/module: loaded modules and built-ins with parameters."""
+        try:
+            return sorted(os.listdir(self.path("sys/module")))
+        except OSError:
+            return []
+
     def module_loaded(self, name: str) -> bool:
         return self.path("sys/module", name.replace("-", "_"), "refcnt").exists()
 

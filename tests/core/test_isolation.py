@@ -272,7 +272,7 @@ def test_without_systemd_the_top_level_cgroups_are_written_but_not_libvirts(pinn
 def test_without_systemd_a_cpuset_controller_that_is_off_is_named(pinned):
     h = pinned(systemd=False)
     (h.root / "sys/fs/cgroup/cgroup.subtree_control").write_text("cpu memory\n")
-    assert "add +cpuset to /sys/fs/cgroup/cgroup.subtree_control" in _plan(h, vm_xml()).refusal
+    assert "add +cpuset to the root cgroup's cgroup.subtree_control" in _plan(h, vm_xml()).refusal
 
 
 # --- one VM: prepare and release -------------------------------------------------------------------------------
