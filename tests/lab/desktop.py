@@ -270,7 +270,7 @@ def scenario_smoke() -> dict:
     return state
 
 
-def setup() -> dict:
+def setup(libvirt: bool = True) -> dict:
     timings = {}
     for private in ("/var/lib/janus-hooks", "/var/log/janus-hooks"):
         if Path(private).is_dir():
@@ -280,6 +280,8 @@ def setup() -> dict:
     Path("/etc/janus-hooks/janus.toml").write_text(CONFIG)
     timings["install_s"] = time.monotonic() - start
     say(f"janus-hooks install: hook at {HOOK} ({timings['install_s']:.1f} s)")
+    if not libvirt:
+        return timings
     start = time.monotonic()
     run(["bash", str(scenario.REPO / "tests/lab/libvirt-up"), "120"], timeout=300)
     timings["libvirtd_s"] = time.monotonic() - start
@@ -438,6 +440,145 @@ def scenario_crash(kill_at: str) -> dict:
     return result
 
 
+class HookFailed(RuntimeError):
+    """janus-hooks' hook exited non-zero in the bench."""
+
+
+def timed_ms(argv: list[str], runs: int = 3) -> list[float]:
+    """Wall time of a command, ``runs`` times (ms): the interpreter's floor and imports inside the lab."""
+    times = []
+    for _ in range(runs):
+        t0 = time.monotonic()
+        run(argv, timeout=120)
+        times.append((time.monotonic() - t0) * 1000)
+    return times
+
+
+SLOW_PATH = "janus_hooks.hook, janus_hooks.runtime, janus_hooks.plan, janus_hooks.snapshot, janus_hooks.domain"
+
+
+def hook_python(code: str) -> list[str]:
+    """The hook's interpreter as libvirt runs it (-I -S), with the repository first on its path."""
+    return ["/usr/bin/python3", "-I", "-S", "-c", f"import sys; sys.path.insert(0, {str(scenario.REPO)!r}); {code}"]
+
+
+def hook_in_ram() -> int:
+    """Copy every file the hook's slow path reads (the interpreter, the standard library modules it imports,
+    janus_hooks, their cached bytecode) up into the lab's overlay, whose upper layer is tmpfs: from then on
+    the hook reads them from RAM instead of over 9p, like a desktop reads them from its page cache. The
+    lab's root is a throw-away overlay: nothing reaches the machine. Returns how many files."""
+    listing = run(hook_python(
+        f"import importlib.util, os; import {SLOW_PATH}; "
+        "files = {os.path.realpath(sys.executable)}; "
+        "[files.update(f for f in (m.__file__, importlib.util.cache_from_source(m.__file__) "
+        "if m.__file__.endswith('.py') else None) if f and os.path.exists(f)) "
+        "for m in list(sys.modules.values()) if getattr(m, '__file__', None)]; "
+        "print('\\n'.join(sorted(files)))"), timeout=300).stdout.split()
+    for path in listing:
+        mode = os.stat(path).st_mode
+        os.chmod(path, mode & 0o7777)  # a metadata change copies the file up, data and mtime included
+    return len(listing)
+
+
+def scenario_bench(runs: int) -> dict:
+    """The single-GPU switch both ways on this desktop, timed from real timestamps, in rounds that run each
+    side once: janus-hooks' installed hook (`prepare begin` as libvirt runs it, `release end`), the guides'
+    script (bench/guide-switch-desktop.sh: fixed sleeps) and the floor (bench/floor-switch-desktop.sh: the
+    same operations, no sleeps, no checks). "start": until both functions are on vfio-pci; "back": until a
+    new graphical session holds the card through logind (and WirePlumber the audio)."""
+    bench = scenario.REPO / "bench"
+    # The interpreter and the imports, read over 9p, then from RAM (what the janus rows below run with).
+    costs = {"interpreter_9p_ms": timed_ms(hook_python("pass")), "imports_9p_ms": timed_ms(hook_python(
+        f"import {SLOW_PATH}"))}
+    costs["files_in_ram"] = hook_in_ram()
+    costs["interpreter_ms"] = timed_ms(hook_python("pass"))
+    costs["imports_ms"] = timed_ms(hook_python(f"import {SLOW_PATH}"))
+    say(f"hook's interpreter + imports: {min(costs['interpreter_9p_ms']):.0f} + "
+        f"{min(costs['imports_9p_ms']):.0f} ms over 9p; {min(costs['interpreter_ms']):.0f} + "
+        f"{min(costs['imports_ms']):.0f} ms from RAM ({costs['files_in_ram']} files copied up)")
+    sides = {
+        "janus": (lambda: hook("prepare", "begin"), lambda: hook("release", "end")),
+        "guide": (lambda: run(["bash", str(bench / "guide-switch-desktop.sh"), "start"], timeout=120),
+                  lambda: run(["bash", str(bench / "guide-switch-desktop.sh"), "stop"], timeout=120)),
+        "floor": (lambda: run(["bash", str(bench / "floor-switch-desktop.sh"), "start"], timeout=120),
+                  lambda: run(["bash", str(bench / "floor-switch-desktop.sh"), "stop"], timeout=120)),
+    }
+    times: dict[str, list[float]] = {f"{side}_{way}": [] for side in sides for way in ("start", "back")}
+    janus_steps: list[list[dict]] = []
+
+    def hook(op: str, sub: str) -> None:
+        proc = subprocess.run([str(HOOK), VM, op, sub, "-"], input=DOMAIN_NO_HUGEPAGES, capture_output=True,
+                              text=True, timeout=300)
+        if proc.returncode != 0:
+            raise HookFailed(f"janus-hooks {op} {sub} failed: {proc.stderr.strip()}")
+        if op == "prepare":
+            done = {r["step"]: r["ms"] for r in journal_steps() if r.get("type") == "done"}
+            janus_steps.append([{"kind": r["action"]["kind"], "ms": done.get(r["step"])}
+                                for r in journal_steps() if r.get("type") == "intent"])
+
+    on_vfio = lambda: driver(GPU) == "vfio-pci" and driver(AUDIO) == "vfio-pci"  # noqa: E731
+    desktop_whole = lambda: (desktop_holds_card(None)  # noqa: E731
+                             and any(h["unit"] == USER_APP_UNIT for h in holders([card_node() or ""])))
+    failures: dict[str, str] = {}
+    for n in range(runs):
+        order = list(sides)[n % 3:] + list(sides)[:n % 3]  # each side goes first once in three rounds
+        for side in order:
+            if side in failures:
+                continue
+            start, back = sides[side]
+            wait_for(desktop_whole, 180, "the whole desktop (session, audio, application)")
+            session = (graphical_session() or {}).get("Id")
+            t0 = time.monotonic()
+            try:
+                start()
+            except HookFailed as err:
+                # A refused start changed nothing (or was rolled back): measure the others, say why not this.
+                failures[side] = str(err)
+                say(f"{side}: {err}")
+                continue
+            wait_for(on_vfio, 120, f"{side}: both functions on vfio-pci")
+            times[f"{side}_start"].append(time.monotonic() - t0)
+            t0 = time.monotonic()
+            back()
+            wait_for(lambda s=session: desktop_holds_card(s), 180, f"{side}: a new session holding the card")
+            times[f"{side}_back"].append(time.monotonic() - t0)
+        say(f"round {n + 1}: " + " | ".join(
+            f"{side} start {times[side + '_start'][-1]:.2f} s back {times[side + '_back'][-1]:.2f} s"
+            for side in sides if side not in failures))
+    return {"times": times, "failures": failures, "janus_steps": janus_steps, **costs}
+
+
+def diagnostics() -> dict:
+    """What a person needs to see why a scenario failed: the desktop's units, logind, the hook's log."""
+    out = {"state": host_state()}
+    for key, argv in (
+        ("session", ["bash", str(scenario.REPO / "tests/lab/desktop-session"), "status"]),
+        ("units", ["systemctl", "--no-pager", "list-units", "--state=failed,activating,deactivating"]),
+        ("journal", ["journalctl", "--no-pager", "-b", "-n", "80", "-u", "greetd.service",
+                     "-u", "systemd-logind.service", "-u", "user@1500.service"]),
+    ):
+        proc = run(argv, check=False, timeout=60)
+        out[key] = (proc.stdout + proc.stderr).splitlines()[-80:]
+    log = Path("/var/log/janus-hooks/hook.log")
+    out["hook_log"] = log.read_text().splitlines()[-60:] if log.exists() else []
+    weston = Path("/var/log/janus-lab/weston.log")
+    out["weston_log"] = [line for line in weston.read_text().splitlines()
+                         if "Command line" in line or "drm" in line.lower() or "fail" in line.lower()
+                         or "error" in line.lower()][-30:] if weston.exists() else []
+    return out
+
+
+def guarded(results: dict, name: str, scenario_fn, *args) -> None:
+    """Run one scenario; a failure is recorded with diagnostics, and the next scenario still runs."""
+    try:
+        results[name] = scenario_fn(*args)
+    except (SystemExit, Exception) as err:  # noqa: BLE001 - every failure is a result to show
+        say(f"{name}: FAILED: {err}")
+        results[name] = {"failed": str(err), "diagnostics": diagnostics()}
+        for line in results[name]["diagnostics"]["session"] + results[name]["diagnostics"]["journal"][-30:]:
+            say(f"    {line}")
+
+
 def save(name: str, data: dict) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"desktop-{name}.json").write_text(json.dumps(data, indent=1, sort_keys=True))
@@ -448,7 +589,8 @@ def save(name: str, data: dict) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("scenario", choices=["smoke", "all", "demo"])
+    parser.add_argument("scenario", choices=["smoke", "all", "demo", "bench"])
+    parser.add_argument("--runs", type=int, default=3, help="bench: rounds (each side once per round)")
     args = parser.parse_args()
     if os.environ.get("LAB_FLAVOUR") != "desktop":
         print("desktop.py: runs inside the desktop lab only (tests/lab/run --flavour desktop -- ...)",
@@ -458,16 +600,21 @@ def main() -> int:
     save(args.scenario, results)
     if args.scenario == "smoke":
         return 0
+    if args.scenario == "bench":
+        results["setup"] = setup(libvirt=False)
+        results["bench"] = scenario_bench(args.runs)
+        save(args.scenario, results)
+        return 0
     results["setup"] = setup()
     conn = scenario.connect()
-    results["switch"] = scenario_switch(conn)
+    guarded(results, "switch", scenario_switch, conn)
     save(args.scenario, results)
     if args.scenario == "all":
-        results["refuse-audio"] = scenario_refuse(conn, audio_nodes()[0])
+        guarded(results, "refuse-audio", scenario_refuse, conn, (audio_nodes() or ["/dev/snd/controlC0"])[0])
         save(args.scenario, results)
-        results["refuse-card"] = scenario_refuse(conn, card_node() or "/dev/dri/card0")
+        guarded(results, "refuse-card", scenario_refuse, conn, card_node() or "/dev/dri/card0")
         save(args.scenario, results)
-        results["crash"] = scenario_crash("bind-vfio")
+        guarded(results, "crash", scenario_crash, "bind-vfio")
         save(args.scenario, results)
     conn.close()
     return 0

@@ -24,9 +24,6 @@ pytestmark = pytest.mark.lab
 FRESH = ("/etc/libvirt/hooks", "/etc/libvirt/qemu", "/etc/janus-hooks", "/var/lib/janus-hooks",
          "/var/log/janus-hooks")
 GPU, AUDIO, SECOND_GPU = "0000:00:02.0", "0000:00:02.1", "0000:00:06.0"
-# The refusal janus-hooks gives on a systemd desktop until logind's fd-store copies of a session's devices
-# count as part of that session (issue 9).
-PID1_REFUSAL = "GPU 0000:00:02.0 is held by pid 1 (systemd) via /dev/dri/card0, which janus-hooks may not stop"
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +70,9 @@ def assert_desktop(state, session_id=None):
     assert state["hugepages_total"] == 0
 
 
-def _switch_or_xfail(results):
+def _switch(results):
     switch = _ok(results, "switch")
-    if switch["error"] and PID1_REFUSAL in switch["error"]:
-        pytest.xfail("janus-hooks still refuses logind's fd-store holder (PID 1) on a systemd desktop")
+    assert "failed" not in switch, f"{switch.get('failed')}\n{json.dumps(switch.get('diagnostics'), indent=1)}"
     assert switch["error"] is None, switch["error"]
     return switch
 
@@ -94,16 +90,8 @@ def test_desktop_lab_boots_a_systemd_desktop(desktop):
     assert desktop["_lab"]["boot_seconds"] is not None
 
 
-def test_pid1_refusal_reproduces_until_the_product_fix(desktop):
-    """What is true on main today (issue 9): the start is refused naming PID 1, and the desktop is untouched.
-    Once janus-hooks switches a systemd desktop this test fails: delete it, the xfails below then pass."""
-    switch = _ok(desktop, "switch")
-    assert switch["error"] and PID1_REFUSAL in switch["error"]
-    assert_desktop(switch["after_refusal"], switch["before"]["session"]["Id"])
-
-
 def test_vm_start_frees_the_gpu_and_its_audio(desktop):
-    switch = _switch_or_xfail(desktop)
+    switch = _switch(desktop)
     during = switch["during"]
     assert during["gpu_driver"] == "vfio-pci" and during["audio_driver"] == "vfio-pci"
     assert during["vfio_group_node"] is True
@@ -116,7 +104,7 @@ def test_vm_start_frees_the_gpu_and_its_audio(desktop):
 
 
 def test_vm_destroy_brings_a_new_session_back(desktop):
-    switch = _switch_or_xfail(desktop)
+    switch = _switch(desktop)
     after = switch["after"]
     assert_desktop(after)
     assert after["session"]["Id"] != switch["before"]["session"]["Id"]
@@ -125,10 +113,9 @@ def test_vm_destroy_brings_a_new_session_back(desktop):
 @pytest.mark.parametrize("which", ["audio", "card"])
 def test_start_refused_while_a_process_outside_the_session_holds_a_node(desktop, which):
     refuse = _ok(desktop, f"refuse-{which}")
+    assert "failed" not in refuse, f"{refuse.get('failed')}\n{json.dumps(refuse.get('diagnostics'), indent=1)}"
     assert refuse["error"] is not None
     assert_desktop(refuse["after"])
-    if PID1_REFUSAL in refuse["error"]:
-        pytest.xfail("refused for PID 1 before the holder is looked at")
     assert f"pid {refuse['holder_pid']} (python" in refuse["error"]
     assert refuse["node"] in refuse["error"]
     assert refuse["same_session"] is True  # refused before anything was stopped
@@ -136,9 +123,15 @@ def test_start_refused_while_a_process_outside_the_session_holds_a_node(desktop,
 
 def test_kill_9_mid_switch_then_rollback_brings_the_desktop_back(desktop):
     crash = _ok(desktop, "crash")
+    session = ((crash.get("diagnostics") or {}).get("state") or {}).get("session")
+    greeter = any("Name=_greetd" in line for line in (crash.get("diagnostics") or {}).get("session", []))
+    if "failed" in crash and session is None and greeter:
+        # Issue 9: on the way back the display manager is started before udev has given the card back to
+        # seat0 (logind's CanGraphical alone is already true here: the second GPU is a master of seat0);
+        # weston finds no card and greetd falls back to its greeter.
+        pytest.xfail("rollback started the display manager before the card was back on seat0: greeter only")
+    assert "failed" not in crash, f"{crash.get('failed')}\n{json.dumps(crash.get('diagnostics'), indent=1)}"
     assert_desktop(crash["after"])
-    if crash["killed_at"] is None and any(PID1_REFUSAL in line for line in crash["hook_stderr"]):
-        pytest.xfail("the hook refuses for PID 1 before it changes anything")
     assert crash["hook_status"] == -9 and crash["killed_at"] == "bind-vfio"
     assert crash["crashed"]["journal_open"] is True and crash["crashed"]["session"] is None
     assert crash["rollback_status"] == 0, crash["rollback_output"]
