@@ -110,15 +110,19 @@ class StopUserUnit(Action):
                    ctx.config.timeouts.unit_stop, f"user unit {self.unit} of uid {self.uid} stopping")
 
     def revert(self, ctx: Context, old: dict[str, Any]) -> None:
-        if not old.get("active") or ctx.services.user_is_active(self.uid, self.unit):
+        if not old.get("active"):
             return
+        # The manager first, on the system bus: a manager that is gone or on its way out (the session's
+        # end stops it) may leave a query on its own bus hanging until the timeout.
         if not ctx.services.user_manager_running(self.uid):
             log.info("user manager of uid %d is not running: %s starts with the next login", self.uid, self.unit)
             return
         try:
-            ctx.services.start_user(self.uid, self.unit, ctx.config.timeouts.unit_stop)
+            if not ctx.services.user_is_active(self.uid, self.unit):
+                ctx.services.start_user(self.uid, self.unit, ctx.config.timeouts.unit_stop)
         except StepFailed as err:
-            # Nothing a later replay could do better (a compositor unit needs the session that ended).
+            # Nothing a later replay could do better (a compositor unit needs the session that ended; a
+            # manager that was stopping when asked starts the unit itself with the user's next login).
             ctx.warn(f"user unit {self.unit} of uid {self.uid} did not start again: {err}")
 
 
