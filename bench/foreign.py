@@ -30,7 +30,7 @@ from bench.stats import FAILED, NOT_AVAILABLE, BenchError, Row  # noqa: E402
 SOURCES = {
     # group: (module file, [(function, timeout per run in seconds, fixed timeout)])
     "libvirt": ("libvirt_rows", [("measure_vm_start_stop", 120, 300), ("measure_hugepage_alloc", 60, 300)]),
-    "lab": ("lab_rows", [("measure_lab_switch", 240, 600)]),
+    "lab": ("lab_rows", [("measure_lab_switch", 240, 600), ("measure_desktop_switch", 300, 900)]),
     "agent": ("agent_rows", [("measure_agent_idle", 40, 300), ("measure_agent_rollback", 120, 300)]),
 }
 

@@ -1,4 +1,5 @@
-"""Rows measured in the real-kernel lab: the single-GPU switch, janus-hooks against the guides' script.
+"""Rows measured in the real-kernel lab: the single-GPU switch, janus-hooks against the guides' script
+(runit flavour: measure_lab_switch; desktop flavour: measure_desktop_switch, also against the floor).
 
 Both sides run in the same lab boot, alternating, from real timestamps taken inside the lab
 (tests/lab/scenario.py bench): janus-hooks' installed hook (`prepare begin` until the GPU is on vfio-pci,
@@ -51,5 +52,57 @@ def measure_lab_switch(runs: int = 3) -> list[dict]:
     return rows
 
 
+def measure_desktop_switch(runs: int = 3) -> list[dict]:
+    """The desktop lab (systemd, logind, greetd + weston, PipeWire on the GPU's audio), one boot
+    (tests/lab/desktop.py bench): start requested -> both functions on vfio-pci, and destroy -> a new
+    graphical session holds the card; janus-hooks' hook against the guides' script and against the floor."""
+    sys.path.insert(0, str(REPO / "tests" / "lab"))
+    from lab import run_in_lab
+
+    runs = max(2, min(runs, 5))
+    # janus-hooks install writes a udev rule: the machine's own rules directory must not show through.
+    result = run_in_lab([".venv/bin/python", "tests/lab/desktop.py", "bench", "--runs", str(runs)],
+                        timeout=400 + 150 * runs, fresh=(*FRESH, "/etc/udev/rules.d"), flavour="desktop")
+    path = result.out_dir / "desktop-bench.json"
+    if result.returncode != 0 or not path.exists():
+        raise RuntimeError(f"desktop lab bench failed ({result.returncode}): {result.message or result.output[-500:]}")
+    bench = json.loads(path.read_text())["bench"]
+    times, failures = bench["times"], bench.get("failures", {})
+    imports = f"{min(bench['imports_ms']):.0f} ms" if bench.get("imports_ms") else "n/a"
+    floor_ms = f"{min(bench['interpreter_ms']):.0f} ms" if bench.get("interpreter_ms") else "n/a"
+    steps = bench.get("janus_steps") or []
+    step_ms = sum(s["ms"] or 0 for s in steps[-1]) if steps else None
+    dominated = (f"in the lab: python3 -I -S -c pass {floor_ms}, the slow path's imports {imports}"
+                 + (f", janus' journaled steps {step_ms:.0f} ms" if step_ms is not None else ""))
+    rows = []
+    for way, label, goal in (("start", "start requested -> GPU and audio on vfio-pci", 0.5),
+                             ("back", "destroy -> a new session holds the card", 1.0)):
+        janus = times.get(f"janus_{way}") or []
+        for base, base_label, base_note in (
+            ("guide", "guide-switch-desktop.sh", "the guides' script (systemctl stop display-manager, sleeps)"),
+            ("floor", "floor-switch-desktop.sh", "the same operations with no sleeps and no checks"),
+        ):
+            other = times.get(f"{base}_{way}") or []
+            baseline = statistics.median(other) * 1000 if other else None
+            row = {
+                "name": f"desktop lab: {label}, janus-hooks vs {base} (real kernel, TCG)",
+                "value": statistics.median(janus) * 1000 if janus else None,
+                "baseline": baseline, "unit": "ms", "runs": len(janus),
+                "spread": f"+-{_spread(janus):.0f}% / +-{_spread(other):.0f}%",
+                "note": f"{base}: {base_note}; {dominated}",
+                "baseline_label": base_label,
+            }
+            if row["value"] is not None and baseline:
+                row["ratio"] = row["value"] / baseline
+                if base == "guide":
+                    row["goal"], row["goal_met"] = f"<= {goal}x", row["ratio"] <= goal
+            if "janus" in failures:
+                row["note"] = f"janus-hooks failed: {failures['janus']}; {row['note']}"
+            rows.append(row)
+    return rows
+
+
 if __name__ == "__main__":
-    print(json.dumps(measure_lab_switch(int(sys.argv[1]) if len(sys.argv) > 1 else 3), indent=1))
+    which = sys.argv[2] if len(sys.argv) > 2 else "runit"
+    measure = measure_desktop_switch if which == "desktop" else measure_lab_switch
+    print(json.dumps(measure(int(sys.argv[1]) if len(sys.argv) > 1 else 3), indent=1))

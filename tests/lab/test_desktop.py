@@ -21,7 +21,7 @@ from lab import run_in_lab  # noqa: E402
 
 pytestmark = pytest.mark.lab
 
-FRESH = ("/etc/libvirt/hooks", "/etc/libvirt/qemu", "/etc/janus-hooks", "/var/lib/janus-hooks",
+FRESH = ("/etc/libvirt/hooks", "/etc/libvirt/qemu", "/etc/janus-hooks", "/var/lib/janus-hooks", "/etc/udev/rules.d",
          "/var/log/janus-hooks")
 GPU, AUDIO, SECOND_GPU = "0000:00:02.0", "0000:00:02.1", "0000:00:06.0"
 

@@ -20,7 +20,7 @@ from lab import run_in_lab  # noqa: E402
 pytestmark = pytest.mark.lab
 
 # Nothing of this machine's libvirt or janus-hooks state may leak into the lab's view of its root.
-FRESH = ("/etc/libvirt/hooks", "/etc/libvirt/qemu", "/etc/janus-hooks", "/var/lib/janus-hooks",
+FRESH = ("/etc/libvirt/hooks", "/etc/libvirt/qemu", "/etc/janus-hooks", "/var/lib/janus-hooks", "/etc/udev/rules.d",
          "/var/log/janus-hooks")
 
 
