@@ -167,7 +167,9 @@ def inventory(snap: HostSnapshot) -> list[dict[str, Any]]:
     """Every GPU with its functions, its IOMMU group, drivers, processes and the VM holding it (devices)."""
     result = []
     for gpu in gpus(snap):
-        nodes = snap.card_nodes(gpu)
+        # The card's nodes and its functions' sound cards (HDMI/DP audio): who keeps any of them busy.
+        nodes = snap.card_nodes(gpu) + tuple(
+            n for f in slot_functions(snap, gpu) for n in snap.sound_nodes.get(f.address, ()))
 
         def entry(dev: PciDevice) -> dict[str, Any]:
             return {"address": dev.address, "class": dev.pci_class, "kind": class_name(dev), "driver": dev.driver,

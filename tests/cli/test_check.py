@@ -222,3 +222,13 @@ def test_plan_of_broken_xml_is_one_line(make_cli, tmp_path):
     result = c("plan", "win11", "--xml", str(xml))
     assert result.exit_code == 1
     assert result.stderr.startswith("janus-hooks: domain XML cannot be parsed")
+
+
+def test_devices_names_who_holds_the_gpus_audio_function(make_cli):
+    from tests.fake import hosts
+
+    c = make_cli(hosts.systemd_desktop)
+    found = json.loads(c("devices", "--json").output)["gpus"]
+    users = {(u["pid"], u["command"], u["node"]) for u in found[0]["used_by"]}
+    assert (1211, "wireplumber", "/dev/snd/controlC0") in users
+    assert (1150, "weston", "/dev/dri/card0") in users
