@@ -38,6 +38,8 @@ def ensure_private_dir(path: Path) -> Path:
     except FileExistsError:
         pass
     st = path.lstat()
+    if stat.S_ISLNK(st.st_mode):
+        raise UnsafeStateError(f"{path} is a symbolic link; refusing to keep state where it points")
     if not stat.S_ISDIR(st.st_mode):
         raise UnsafeStateError(f"{path} is not a directory; refusing to keep state there")
     if not _trusted_owner(st.st_uid):

@@ -23,7 +23,7 @@ from typing import Any
 from janus_hooks.actions import Action, action_from_json, old_from_json
 from janus_hooks.errors import JanusError, JournalError, LockBusy
 from janus_hooks.files import check_trusted, ensure_private_dir, fsync_dir
-from janus_hooks.layout import vm_filename, vm_from_filename
+from janus_hooks.layout import is_hashed, vm_filename, vm_from_filename
 from janus_hooks.schema import (
     BOOT_ID,
     PCI_ADDRESS,
@@ -92,7 +92,25 @@ class JournalStore:
             names = os.listdir(self.dir)
         except OSError:
             return []
-        return sorted(vm_from_filename(n[: -len(SUFFIX)]) for n in names if n.endswith(SUFFIX))
+        vms = []
+        for name in names:
+            if not name.endswith(SUFFIX):
+                continue
+            stem = name[: -len(SUFFIX)]
+            # A shortened name stands for a VM whose whole name is in the journal's begin record.
+            vm = self._begin_vm(self.dir / name) if is_hashed(stem) else vm_from_filename(stem)
+            vms.append(vm if vm is not None and vm_filename(vm) == stem else vm_from_filename(stem))
+        return sorted(vms)
+
+    @staticmethod
+    def _begin_vm(path: Path) -> str | None:
+        try:
+            with path.open("rb") as fh:
+                head = json.loads(fh.readline(65536).decode(), parse_constant=_refuse_constant)
+        except (OSError, ValueError):
+            return None
+        vm = head.get("vm") if isinstance(head, dict) else None
+        return vm if isinstance(vm, str) else None
 
     @contextmanager
     def lock(self, timeout: float, clock: Callable[[], float] = time.monotonic,
@@ -274,9 +292,10 @@ class JournalStore:
             return ()
 
     def discard(self, vm: str) -> Path:
-        """Move a journal aside (journal/discarded/<name>.<time>.jsonl): the VM's changes are no longer
-        tracked, the file stays for a person to read. Call with the lock held."""
-        target_dir = ensure_private_dir(self.dir / "discarded")
+        """Move a journal aside (<state>/discarded/<name>.<time>.jsonl): the VM's changes are no longer
+        tracked, the file stays for a person to read. Outside journal/, so that the units conditioned on a
+        non-empty journal directory stay idle. Call with the lock held."""
+        target_dir = ensure_private_dir(self.state_dir / "discarded")
         target = target_dir / f"{vm_filename(vm)}.{time.strftime('%Y%m%dT%H%M%S')}{SUFFIX}"
         os.rename(self.path(vm), target)
         fsync_dir(self.dir)

@@ -63,3 +63,13 @@ def test_rows_from_other_modules_follow_the_documented_protocol() -> None:
     assert [r.status for r in rows] == ["ok", "n/a", "FAILED"]
     assert rows[0].ratio == 2.0 and rows[0].group == "libvirt"
     assert "libvirtd is not installed" in rows[1].note
+
+
+def test_bench_run_from_a_checkout_without_the_venv_says_to_bootstrap(tmp_path):
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench/run").write_bytes((REPO / "bench/run").read_bytes())
+    proc = subprocess.run(["/usr/bin/python3", str(tmp_path / "bench/run")], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (f"bench/run: {tmp_path}/.venv/bin/python does not exist: run scripts/bootstrap "
+                                   "first (it creates the venv with the project's dependencies), then bench/run again")

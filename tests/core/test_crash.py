@@ -17,6 +17,7 @@ from janus_hooks.domain import parse_domain
 from tests.conftest import FAST_TIMEOUTS, FakeHost, domain_xml
 from tests.core.helpers import assert_same_tree, diff
 from tests.fake import hosts
+from tests.hostile import tally
 
 REPO = Path(__file__).resolve().parents[2]
 XML = domain_xml(hostdevs=hosts.NVIDIA_FUNCTIONS, hugepages=True, memory_mib=4096)
@@ -54,6 +55,8 @@ def test_kill_9_at_every_point_then_release_restores(fake, tmp_path, event):
         assert code == 0, f"{event} {step}: {err}"
         assert_same_tree(before, h.snapshot())
         assert h.journal_vms() == []
+        tally.record("crash points recovered")
+        tally.record("host states checked")
 
 
 def test_kill_9_then_next_start_recovers_first(fake, tmp_path):
@@ -85,6 +88,8 @@ def test_fault_at_every_kernel_operation_rolls_back(fake, tmp_path):
         assert "\n" not in err
         assert_same_tree(before, h.snapshot())
         assert h.journal_vms() == []
+        tally.record("faults injected")
+        tally.record("host states checked")
 
 
 def test_fault_during_release_keeps_journal_until_a_later_rollback(fake, tmp_path):
@@ -115,6 +120,8 @@ def test_fault_during_release_keeps_journal_until_a_later_rollback(fake, tmp_pat
         h.kernel = type(h.kernel)(root)
         assert h.hook("win11", "release", "end", XML) == (0, ""), nth
         assert_same_tree(before, h.snapshot())
+        tally.record("faults injected")
+        tally.record("host states checked")
 
 
 def test_failure_whose_rollback_also_fails_says_both_and_keeps_the_journal(fake, tmp_path):

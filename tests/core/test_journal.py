@@ -134,13 +134,24 @@ def test_lock_serialises_transitions(tmp_path):
         pass
 
 
-def test_state_dir_must_not_be_a_symlink_target_of_others(tmp_path):
+def test_state_dir_that_others_can_write_is_refused(tmp_path):
     target = tmp_path / "elsewhere"
     target.mkdir(mode=0o777)
     os.chmod(target, 0o777)
     store = JournalStore(target)
     with pytest.raises(UnsafeStateError, match="mode 777"):
         store.prepare()
+
+
+def test_state_dir_must_not_be_a_symlink(tmp_path):
+    """Even to a private directory of ours: journals would move wherever the link points."""
+    target = tmp_path / "elsewhere"
+    target.mkdir(mode=0o700)
+    (tmp_path / "state").symlink_to(target)
+    store = JournalStore(tmp_path / "state")
+    with pytest.raises(UnsafeStateError, match=r"state is a symbolic link; refusing to keep state where it points"):
+        store.prepare()
+    assert list(target.iterdir()) == []
 
 
 @pytest.mark.parametrize("vm", ["win11", "a b 'c' \"d\"", "100%/x", "%2F", ".", "..", "a.b"])

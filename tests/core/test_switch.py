@@ -101,7 +101,6 @@ def test_gpu_already_on_vfio_is_left_alone(fake):
     xml = domain_xml(name="a", hostdevs=("0000:02:00.0", "0000:02:00.1"), mode="passthrough")
     assert h.hook("a", "prepare", "begin", xml)[0] == 0
     assert h.hook("a", "release", "end", xml)[0] == 0
-    before = h.snapshot()
     # Bind by hand, as a person with vfio-pci.ids= on the kernel command line would have it.
     for address in ("0000:02:00.0", "0000:02:00.1"):
         h.kernel.write(h.root / f"sys/bus/pci/devices/{address}/driver_override", "vfio-pci")
@@ -113,7 +112,12 @@ def test_gpu_already_on_vfio_is_left_alone(fake):
     plan = h.janus().plan(parse_domain(xml))
     assert not any(a.kind == "bind-vfio" for a in plan.actions)
     assert any("already bound to vfio-pci" in n for n in plan.notes)
-    assert before  # the manual binding is not janus's to undo
+    manual = h.snapshot()
+    assert h.hook("a", "prepare", "begin", xml) == (0, "")
+    assert h.hook("a", "release", "end", xml) == (0, "")
+    # The manual binding is not janus's to undo: after a start and a stop it is exactly as the person left it.
+    assert [h.driver(a) for a in ("0000:02:00.0", "0000:02:00.1")] == ["vfio-pci", "vfio-pci"]
+    assert_same_tree(manual, h.snapshot())
 
 
 def test_unmanaged_vm_changes_nothing(fake):

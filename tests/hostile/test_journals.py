@@ -138,7 +138,7 @@ def test_unreadable_journal_blocks_only_its_own_vm(make_cli, content, expected):
     assert discard.exit_code == 0, discard.output
     assert f"VM 'vm-b': journal {path} held" in discard.output and "nothing was reverted" in discard.output
     assert not path.exists() and c.fake.journal_vms() == []
-    [kept] = (c.root / "var/lib/janus-hooks/journal/discarded").iterdir()
+    [kept] = (c.root / "var/lib/janus-hooks/discarded").iterdir()
     assert kept.read_bytes() == content.encode("latin-1")
     tally.record("inputs tried")
 
