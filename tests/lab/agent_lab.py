@@ -202,6 +202,8 @@ def main() -> int:
         try:
             wait_for(lambda: not JOURNAL.exists(), 120, "the agent to roll the VM back")
             result["rollback_s"] = time.monotonic() - died
+            # The agent logs the outcome once its worker is done, just after the journal went.
+            wait_for(lambda: log.has(f"VM {VM}: rolled back"), 30, "the agent to log the rollback")
         except SystemExit as err:
             result["rollback_error"] = str(err)
         result["driver_after"] = driver(GPU)
