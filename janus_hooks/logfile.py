@@ -20,6 +20,11 @@ class RotatingLog(logging.FileHandler):
         self.max_bytes = max_bytes
         self.backups = backups
 
+    def _open(self):  # noqa: ANN202 - logging.FileHandler's own hook
+        # O_NOFOLLOW: a symbolic link put in place of the log never sends root's lines elsewhere; 0600.
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
+
     def emit(self, record: logging.LogRecord) -> None:
         try:
             if self._full(record):

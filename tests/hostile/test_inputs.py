@@ -73,3 +73,18 @@ def test_a_name_too_long_for_a_file_name_is_shortened_with_a_hash():
     long_a, long_b = "x" * 300 + "a", "x" * 300 + "b"
     assert is_hashed(vm_filename(long_a)) and vm_filename(long_a) != vm_filename(long_b)
     assert all(len((vm_filename(v) + ".jsonl").encode()) <= 255 for v in (long_a, "é" * 300, "%" * 300))
+
+
+def test_a_symlinked_hook_log_is_not_followed(make_cli, tmp_path):
+    """Root's log lines never land where a symbolic link in the log directory points; the start goes on."""
+    c = make_cli(desktops.nvidia_desktop)
+    outside = tmp_path / "outside.txt"
+    outside.write_text("untouched\n")
+    log_dir = c.root / "var/log/janus-hooks"
+    (log_dir / "hook.log").symlink_to(outside)
+    xml = domain_xml(hostdevs=CARD)
+    assert c.fake.hook("win11", "prepare", "begin", xml) == (0, "")
+    assert c.fake.hook("win11", "release", "end", xml) == (0, "")
+    assert outside.read_text() == "untouched\n"
+    assert (log_dir / "hook.log").is_symlink()
+    tally.record("inputs tried")
