@@ -10,6 +10,7 @@ from xml.etree import ElementTree
 from janus_hooks.config import MODES
 from janus_hooks.cpuset import format_cpulist, parse_cpulist
 from janus_hooks.errors import ConfigError
+from janus_hooks.schema import quote as _token
 
 PROFILE_NS = "https://janus-hooks.org/xmlns/profile/1"
 # The guest shares the host's GPU (a mediated device or an SR-IOV VF janus-hooks makes on prepare); the GPU
@@ -111,12 +112,6 @@ def parse_nodeset(text: str) -> list[int]:
             raise ConfigError(f"nodeset part {_token(part)} is not within nodes 0-{MAX_NODES - 1}")
         target.update(range(lo, hi + 1))
     return sorted(nodes - excluded)
-
-
-def _token(text: str) -> str:
-    """Input as an error message may quote it: repr, at most 64 characters."""
-    shown = repr(text)
-    return shown if len(shown) <= 64 else shown[:61] + "..."
 
 
 _PCI_LIMITS = {"domain": 0xFFFF, "bus": 0xFF, "slot": 0x1F, "function": 0x7}

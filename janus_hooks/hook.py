@@ -125,8 +125,9 @@ def one_line(text: str) -> str:
 
 
 def _token(vm: str) -> str:
-    text = repr(vm)
-    return text if len(text) <= 64 else text[:61] + "..."
+    from janus_hooks.schema import quote
+
+    return quote(vm)
 
 
 def janus_log(message: str) -> None:
