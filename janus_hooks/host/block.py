@@ -36,6 +36,11 @@ def _list(path: Path) -> list[str]:
         return []
 
 
+def is_device_path(path: str) -> bool:
+    """A path a person gives for a device node (``/dev/sdb``, ``/dev/disk/by-id/...``), not an image file."""
+    return path.startswith("/dev/")
+
+
 def block_name(host: Host, dev_path: str) -> str | None:
     """The kernel's name (sda1, dm-0, nvme0n1p2) of a /dev path, following its links within the root;
     None when it is not a block device the kernel knows."""

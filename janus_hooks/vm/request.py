@@ -284,7 +284,7 @@ def _storage(request: VmRequest, host: Host) -> str:
         return "raw"
     if not request.disk:
         return "qcow2"
-    if request.disk.startswith("/dev/"):
+    if blockdev.is_device_path(request.disk):
         raise VmError(f"{request.disk} is a device: use --storage block for it")
     _check_file(request.disk, "disk image")
     with open(request.disk, "rb") as fh:
@@ -292,7 +292,7 @@ def _storage(request: VmRequest, host: Host) -> str:
 
 
 def _check_block(path: str, host: Host) -> None:
-    if not path.startswith("/dev/"):
+    if not blockdev.is_device_path(path):
         raise VmError(f"--disk {path} is not under /dev: block storage takes a whole disk or a partition")
     name = blockdev.block_name(host, path)
     if name is None:
