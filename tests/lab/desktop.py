@@ -46,30 +46,9 @@ driver = 20.0
 module = 20.0
 """
 
-DOMAIN = f"""\
-<domain type='qemu'>
-  <name>{VM}</name>
-  <metadata><janus:profile xmlns:janus='{scenario.PROFILE_NS}' mode='single-gpu'/></metadata>
-  <memory unit='MiB'>64</memory>
-  <memoryBacking><hugepages/></memoryBacking>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type></os>
-  <devices>
-    <emulator>/usr/bin/qemu-system-x86_64</emulator>
-    <hostdev mode='subsystem' type='pci' managed='yes'>
-      <source><address domain='0x0000' bus='0x00' slot='0x02' function='0x0'/></source>
-    </hostdev>
-    <hostdev mode='subsystem' type='pci' managed='yes'>
-      <source><address domain='0x0000' bus='0x00' slot='0x02' function='0x1'/></source>
-    </hostdev>
-    <video><model type='none'/></video>
-    <memballoon model='none'/>
-  </devices>
-</domain>
-"""
-
+DOMAIN = scenario.domain_xml(VM, ("0", "1"))
 # The bench switches the GPU only: hugepages are measured on their own (bench/hugepage_rows.py).
-DOMAIN_NO_HUGEPAGES = DOMAIN.replace("  <memoryBacking><hugepages/></memoryBacking>\n", "")
+DOMAIN_NO_HUGEPAGES = scenario.domain_xml(VM, ("0", "1"), hugepages=False)
 
 
 # --- the real kernel, logind and processes ----------------------------------------------------------------
@@ -296,12 +275,6 @@ def nested_qemu_devices(dom) -> list[list[int]]:
     return [[dev["id"]["vendor"], dev["id"]["device"]] for bus in reply["return"] for dev in bus["devices"]]
 
 
-def journal_steps() -> list[dict]:
-    if not JOURNAL.exists():
-        return []
-    return [json.loads(line) for line in JOURNAL.read_text().splitlines() if line.strip()]
-
-
 def start_vm(conn, xml: str) -> tuple[object, str | None, float]:
     """Define and start the VM through libvirt; (domain, libvirt's error or None, seconds to return)."""
     import libvirt
@@ -340,7 +313,7 @@ def scenario_switch(conn) -> dict:
             result["after_refusal"] = host_state()
             say(f"after the refusal: {show(result['after_refusal'])}")
             return result
-        records = journal_steps()
+        records = scenario.journal_steps(JOURNAL)
         binds = [r for r in records if r.get("type") == "intent" and r["action"]["kind"] == "bind-vfio"]
         done_ms = {r["step"]: r["ms"] for r in records if r.get("type") == "done"}
         t_bound = binds[-1]["time"] + done_ms[binds[-1]["step"]] / 1000 if binds else None
@@ -414,7 +387,7 @@ def scenario_crash(kill_at: str) -> dict:
     killed_at = None
     deadline = time.monotonic() + 180
     while proc.poll() is None and time.monotonic() < deadline:
-        kinds = [r["action"]["kind"] for r in journal_steps() if r.get("type") == "intent"]
+        kinds = [r["action"]["kind"] for r in scenario.journal_steps(JOURNAL) if r.get("type") == "intent"]
         if kill_at in kinds:
             proc.send_signal(signal.SIGKILL)
             killed_at = kinds[-1]
@@ -512,9 +485,9 @@ def scenario_bench(runs: int) -> dict:
         if proc.returncode != 0:
             raise HookFailed(f"janus-hooks {op} {sub} failed: {proc.stderr.strip()}")
         if op == "prepare":
-            done = {r["step"]: r["ms"] for r in journal_steps() if r.get("type") == "done"}
+            done = {r["step"]: r["ms"] for r in scenario.journal_steps(JOURNAL) if r.get("type") == "done"}
             janus_steps.append([{"kind": r["action"]["kind"], "ms": done.get(r["step"])}
-                                for r in journal_steps() if r.get("type") == "intent"])
+                                for r in scenario.journal_steps(JOURNAL) if r.get("type") == "intent"])
 
     on_vfio = lambda: driver(GPU) == "vfio-pci" and driver(AUDIO) == "vfio-pci"  # noqa: E731
     desktop_whole = lambda: (desktop_holds_card(None)  # noqa: E731

@@ -45,28 +45,33 @@ driver = 10.0
 module = 20.0
 """
 
-DOMAIN = f"""\
+def domain_xml(vm: str, functions: tuple[str, ...], hugepages: bool = True) -> str:
+    """A small managed single-GPU guest (TCG) with the given PCI functions of slot 00:02 as hostdevs."""
+    hostdevs = "".join(f"""\
+    <hostdev mode='subsystem' type='pci' managed='yes'>
+      <source><address domain='0x0000' bus='0x00' slot='0x02' function='0x{fn}'/></source>
+    </hostdev>
+""" for fn in functions)
+    backing = "  <memoryBacking><hugepages/></memoryBacking>\n" if hugepages else ""
+    return f"""\
 <domain type='qemu'>
-  <name>{VM}</name>
+  <name>{vm}</name>
   <metadata><janus:profile xmlns:janus='{PROFILE_NS}' mode='single-gpu'/></metadata>
   <memory unit='MiB'>64</memory>
-  <memoryBacking><hugepages/></memoryBacking>
-  <vcpu>1</vcpu>
+{backing}  <vcpu>1</vcpu>
   <os><type arch='x86_64' machine='pc'>hvm</type></os>
   <devices>
     <emulator>/usr/bin/qemu-system-x86_64</emulator>
-    <hostdev mode='subsystem' type='pci' managed='yes'>
-      <source><address domain='0x0000' bus='0x00' slot='0x02' function='0x0'/></source>
-    </hostdev>
-    <video><model type='none'/></video>
+{hostdevs}    <video><model type='none'/></video>
     <memballoon model='none'/>
   </devices>
 </domain>
 """
 
 
+DOMAIN = domain_xml(VM, ("0",))
 # The bench switches the GPU only: hugepages are measured on their own (bench/hugepage_rows.py).
-DOMAIN_NO_HUGEPAGES = DOMAIN.replace("  <memoryBacking><hugepages/></memoryBacking>\n", "")
+DOMAIN_NO_HUGEPAGES = domain_xml(VM, ("0",), hugepages=False)
 
 
 # --- the real kernel and processes -------------------------------------------------------------------------
@@ -169,11 +174,11 @@ def wait_for(condition, timeout: float, what: str) -> float:
     return time.monotonic() - start
 
 
-def journal_steps() -> list[dict]:
+def journal_steps(journal: Path = JOURNAL) -> list[dict]:
     """The journal's records (read while the VM runs: it is removed once everything is back)."""
-    if not JOURNAL.exists():
+    if not journal.exists():
         return []
-    return [json.loads(line) for line in JOURNAL.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in journal.read_text().splitlines() if line.strip()]
 
 
 def print_steps(records: list[dict]) -> list[dict]:
