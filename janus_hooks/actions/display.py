@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from janus_hooks.actions.base import Action, Context, wait_until
-from janus_hooks.errors import StepFailed
+from janus_hooks.errors import JanusError, StepFailed
 from janus_hooks.host.runner import check
 from janus_hooks.schema import DEV_NODE, SESSION, UNIT, argv, boolean, integer, list_of, pattern
 
@@ -47,7 +47,18 @@ class StopUnit(Action):
 
     def _wait_for_seat(self, ctx: Context) -> None:
         # The driver is back by now (undone first), but logind counts the card only once udev tagged it for
-        # the seat; a display manager started before that finds no usable seat and some give up.
+        # the seat; a display manager started before that finds no usable seat and some give up. CanGraphical
+        # alone is not enough: another card can keep the seat graphical, so first let udev finish the events
+        # of the card that just came back (bounded; seen in the desktop lab: greeter only).
+        if ctx.host.udev_running():
+            timeout = ctx.config.timeouts.driver
+            try:
+                settled = ctx.runner.run(["udevadm", "settle", f"--timeout={max(1, int(timeout))}"], timeout + 2)
+                ok = settled.returncode == 0
+            except JanusError:
+                ok = False
+            if not ok:
+                ctx.warn(f"udev did not settle within {timeout:g} s before starting {self.unit}")
         try:
             waited = wait_until(ctx, lambda: ctx.services.can_graphical(self.seat), ctx.config.timeouts.driver,
                                 f"{self.seat} becoming able to draw (logind's CanGraphical)")
