@@ -3,6 +3,8 @@
 In single-GPU mode the person's virt-manager dies with the desktop, so the one line libvirt shows for a
 refused or failed start is seen by nobody. The hook records it here (root-owned, 0700 directory, one JSON
 file per VM); ``status`` prints it and the agent shows it on the desktop once a graphical session is back.
+A later start that succeeds (libvirt's ``started`` phase, or its STARTED event seen by the agent) clears it:
+the record is the time and reason of a failure that still stands, not a history.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from janus_hooks.errors import JanusError
-from janus_hooks.files import atomic_write, check_trusted, ensure_private_dir
+from janus_hooks.files import atomic_write, check_trusted, ensure_private_dir, fsync_dir
 from janus_hooks.layout import vm_filename, vm_from_filename
 
 log = logging.getLogger(__name__)
@@ -39,7 +41,7 @@ class FailureStore:
         self.dir = state_dir / "failures"
 
     def path(self, vm: str) -> Path:
-        return self.dir / f"{vm_filename(vm)}{SUFFIX}"
+        return self.dir / f"{vm_filename(vm)}{SUFFIX}"  # layout.failure_file, for the hook's fast path
 
     def record(self, vm: str, reason: str, when: float | None = None) -> StartFailure:
         failure = StartFailure(vm, time.time() if when is None else when, reason)
@@ -50,6 +52,21 @@ class FailureStore:
         current = self.read(failure.vm)
         if current == failure:  # a newer failure written meanwhile keeps its own flag
             self._write(replace(failure, notified=True))
+
+    def clear(self, vm: str, started: float) -> StartFailure | None:
+        """Forget the VM's failed start if it happened before a start that succeeded at ``started``.
+
+        A record newer than that start (written by a later attempt) stands; returns the record cleared.
+        """
+        current = self.read(vm)
+        if current is None or current.time > started:
+            return None
+        try:
+            self.path(vm).unlink()
+        except FileNotFoundError:
+            return None
+        fsync_dir(self.dir)
+        return current
 
     def read(self, vm: str) -> StartFailure | None:
         path = self.path(vm)

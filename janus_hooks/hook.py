@@ -14,6 +14,7 @@ PREPARE = ("prepare", "begin")
 RELEASE = ("release", "end")
 GUARDED = (("migrate", "begin"), ("restore", "begin"))
 RECONNECT = ("reconnect", "begin")
+STARTED = ("started", "begin")  # QEMU runs: the start succeeded
 HANDLED = (PREPARE, RELEASE, RECONNECT, *GUARDED)
 
 PROFILE_MARK = "janus-hooks.org/xmlns/profile/"
@@ -34,6 +35,9 @@ def main(argv: list[str], root: str = "/", stdin=None, stderr=None, open_janus=N
         print("janus-hooks: usage: qemu-hook VM OPERATION SUB-OPERATION [EXTRA] < domain.xml", file=stderr)
         return 2
     vm, phase = argv[0], (argv[1], argv[2])
+    if phase == STARTED:
+        _forget_failure(root, vm)
+        return 0
     if phase not in HANDLED:
         return 0
     # Bytes: libvirt runs hooks with LC_ALL=C, where text-mode stdin would fail on any non-ASCII byte.
@@ -111,6 +115,28 @@ def _remember_failure(root: str, vm: str, phase: tuple[str, str], line: str) -> 
         FailureStore(Host(root).state_dir()).record(vm, line)
     except (OSError, JanusError) as err:  # the start is refused either way; the record is a courtesy
         logging.getLogger("janus_hooks.hook").warning("VM %s: could not record the failed start: %s", vm, err)
+
+
+def _forget_failure(root: str, vm: str) -> None:
+    """The VM started: a failed start recorded before it is history (status and the agent stop showing it).
+
+    One stat() when there is no record, whether the VM is managed or not (it may not be any more); stdin unread.
+    """
+    from janus_hooks.layout import STATE_DIR, failure_file
+
+    if not os.path.exists(failure_file(root, vm)):
+        return
+    import logging
+    import time
+    from pathlib import Path
+
+    from janus_hooks.errors import JanusError
+    from janus_hooks.failures import FailureStore
+
+    try:
+        FailureStore(Path(root, STATE_DIR)).clear(vm, time.time())
+    except (OSError, JanusError) as err:  # the VM runs either way; status keeps showing the old line
+        logging.getLogger("janus_hooks.hook").warning("VM %s: could not clear its failed start: %s", vm, err)
 
 
 # The issue asked for 300; the planner's own refusals name a process and two remedies in up to ~400.

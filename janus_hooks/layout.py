@@ -46,3 +46,8 @@ def profile_file(root: str, vm: str) -> str:
 
 def journal_file(root: str, vm: str) -> str:
     return os.path.join(root, STATE_DIR, "journal", vm_filename(vm) + ".jsonl")
+
+
+def failure_file(root: str, vm: str) -> str:
+    """The record of the VM's last failed start (``failures.FailureStore``)."""
+    return os.path.join(root, STATE_DIR, "failures", vm_filename(vm) + ".json")

@@ -38,7 +38,7 @@ from janus_hooks.agent.qemu_watch import QemuWatch
 from janus_hooks.agent.sdnotify import SdNotify
 from janus_hooks.config import Config, config_path, load_config, load_profile
 from janus_hooks.errors import JanusError, LockBusy
-from janus_hooks.failures import FailureStore
+from janus_hooks.failures import FailureStore, StartFailure
 from janus_hooks.files import ensure_private_dir
 from janus_hooks.host import Host
 from janus_hooks.journal import JournalStore
@@ -275,6 +275,10 @@ class Agent:
     def _lifecycle(self, event: VmLifecycle) -> None:
         has_journal = self.store.exists(event.vm)
         log.info("libvirt: VM %s %s%s", event.vm, event.event, " (journal open)" if has_journal else "")
+        if event.event == "started":
+            # The VM runs now: its last failed start is no longer why it does not (the hook's started phase
+            # clears it too; this covers a VM that is not managed any more).
+            self._off_loop(lambda: self.failures.clear(event.vm, event.at), self._failure_cleared)
         if not has_journal:
             return
         if event.running:
@@ -416,6 +420,11 @@ class Agent:
         self.config = config
         logging.getLogger("janus_hooks").setLevel(config.log_level.upper())
         return good
+
+    def _failure_cleared(self, cleared: StartFailure | None) -> None:
+        if cleared is not None:
+            log.info("VM %s: started; its failed start of %s is cleared", cleared.vm,
+                     time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(cleared.time)))
 
     def _notify_failures(self) -> None:
         """Show each failed start nobody saw yet, once a graphical session is active on seat0. Worker thread."""

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,7 @@ class VmLifecycle:
     vm: str
     event: str  # started, stopped, crashed, ... (libvirt's lifecycle event, lower case)
     running: bool  # what the event means for the VM's QEMU
+    at: float = field(default_factory=time.time)  # when it arrived: a failure recorded after it still stands
 
 
 @dataclass(frozen=True)

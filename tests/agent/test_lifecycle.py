@@ -121,3 +121,28 @@ def test_without_libvirt_and_without_qemu_the_journal_is_rolled_back_at_start(fa
     agent.idle()
     assert agent.agent.rollbacks == ["gone"]
     assert os.path.isdir(h.root / "var/lib/janus-hooks/journal")
+
+
+def test_a_real_started_event_clears_the_failed_start_before_it_not_one_after(fake, run_agent, test_driver, caplog):
+    from janus_hooks.failures import FailureStore
+
+    h = fake(hosts.single_nvidia)
+    failures = FailureStore(h.root / "var/lib/janus-hooks")
+    test_driver.lookupByName("test").destroy()
+    old = failures.record("test", "janus-hooks: VM 'test': refused", when=time.time() - 60)
+    agent = run_agent(h, libvirt=True)
+    _wait(lambda: agent.agent.libvirt_up, 10, "the agent to connect to the test driver")
+    test_driver.lookupByName("test").create()  # a real STARTED event (no hook runs for the test driver)
+    _wait(lambda: failures.read("test") is None, 10, "the failure record to be cleared")
+    agent.idle()
+    assert f"VM test: started; its failed start of {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(old.time))} " \
+           "is cleared" in caplog.text
+    # A failure written after a STARTED event arrived (a later attempt) stands, with its own time, even when the
+    # agent handles that event late.
+    from janus_hooks.agent.events import VmLifecycle
+
+    arrived = time.time()
+    newer = failures.record("test", "janus-hooks: VM 'test': refused again", when=arrived + 1)
+    agent.post(VmLifecycle("test", "started", True, at=arrived))
+    agent.idle()
+    assert failures.read("test") == newer

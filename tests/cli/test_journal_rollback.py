@@ -194,6 +194,32 @@ def test_status_shows_the_last_failed_start_and_a_host_driver_under_a_running_vm
                              "win11 runs (QEMU pid 4242)")
 
 
+def test_a_start_that_succeeds_later_clears_the_failed_one_from_status(make_cli):
+    from janus_hooks.failures import FailureStore
+
+    c = make_cli(desktops.nvidia_desktop)
+    failures = FailureStore(c.root / "var/lib/janus-hooks")
+    broken = domain_xml("win11", hostdevs=("0000:09:00.0",))  # no such device: the planner refuses
+    code, err = c.fake.hook("win11", "prepare", "begin", broken)
+    assert code == 1
+    refused = failures.read("win11")
+    assert refused is not None and refused.reason == err
+    # Shown on the desktop: the record keeps the time of the failure.
+    failures.mark_notified(refused)
+    assert failures.read("win11").time == refused.time and failures.read("win11").notified
+    assert "    last failed start: " in c("status").output
+    # Fixed; libvirt runs prepare, starts QEMU, then the started phase: the failure is history.
+    assert c.fake.hook("win11", "prepare", "begin", XML)[0] == 0
+    assert failures.read("win11") is not None  # prepare alone is no start: QEMU may still fail
+    assert c.fake.hook("win11", "started", "begin", XML) == (0, "")
+    assert failures.read("win11") is None
+    assert "last failed start" not in c("status").output
+    # A failure recorded after the start (another attempt) is not cleared by it.
+    later = failures.record("win11", "janus-hooks: VM 'win11': refused", when=refused.time + 3600)
+    assert failures.clear("win11", started=refused.time + 1) is None
+    assert failures.read("win11") == later
+
+
 def test_status_without_libvirt_still_lists_what_it_knows(make_cli):
     c = make_cli(desktops.nvidia_desktop)
     result = c("status")

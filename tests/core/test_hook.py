@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from janus_hooks import hook
 from tests.conftest import domain_xml
 from tests.core.helpers import assert_same_tree
 from tests.fake import hosts
@@ -45,6 +46,24 @@ def test_ignored_phase_does_not_read_stdin(fake):
     for op, sub in (("start", "begin"), ("started", "begin"), ("stopped", "end"), ("attach", "begin")):
         assert h.hook("win11", op, sub, domain_xml(hostdevs=hosts.NVIDIA_FUNCTIONS)) == (0, "")
     assert h.kernel.ops == 0
+
+
+class _Unreadable:
+    def read(self):
+        raise AssertionError("the started phase read the domain XML")
+
+
+def test_the_started_phase_never_reads_stdin_and_clears_only_a_failure_record(fake):
+    h = fake(hosts.single_nvidia)
+    assert hook.main(["plain", "started", "begin", "-"], root=str(h.root), stdin=_Unreadable()) == 0
+    before = h.snapshot()
+    assert hook.main(["win11", "started", "begin", "-"], root=str(h.root), stdin=_Unreadable()) == 0
+    assert_same_tree(before, h.snapshot())
+    failure = h.root / "var/lib/janus-hooks/failures/win11.json"
+    assert h.hook("win11", "prepare", "begin", domain_xml(hostdevs=("0000:09:00.0",)))[0] == 1
+    assert failure.exists()
+    assert hook.main(["win11", "started", "begin", "-"], root=str(h.root), stdin=_Unreadable()) == 0
+    assert not failure.exists()
 
 
 def test_migrate_and_restore_refused_while_switched(fake):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 import libvirt
 import pytest
@@ -152,3 +153,23 @@ def test_start_refused_when_the_host_cannot_have_the_pages(installed, vms):
     name = PREFIX + "too-big"
     message, _ = _refused(vms, name, memory_mib=mib)
     assert f"janus-hooks: VM '{name}': " in message and "MiB of memory is available" in message, message
+
+
+def test_a_refused_start_stays_in_status_until_a_start_succeeds(installed, vms):
+    """The record of a refused start (status, the agent's notification) is cleared by libvirt's `started`
+    phase of a later start that worked, and by nothing before it."""
+    from janus_hooks.layout import failure_file
+
+    name = PREFIX + "refused-then-fixed"
+    message, _ = _refused(vms, name, memory_mib=GUEST_MIB, page_kb=4096)
+    record = Path(failure_file("/", name))
+    assert record.exists(), f"the refused start left no record at {record}"
+    status = installed.command("status").stdout
+    assert "    last failed start: " in status and "no 4096 kB hugepage pool" in status, status
+    vms.lookup(name).undefine()
+    dom = vms.define(name, memory_mib=GUEST_MIB, mode="single-gpu", hugepages=True)  # fixed: 2 MiB pages
+    vms.start(dom)
+    assert dom.isActive()
+    assert not record.exists(), "the record of the refused start outlived a start that worked"
+    assert "last failed start" not in installed.command("status").stdout
+    vms.destroy(dom)
