@@ -18,9 +18,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from janus_hooks.actions import Action, action_from_json, old_from_json
 from janus_hooks.errors import JanusError, JournalError, LockBusy
 from janus_hooks.files import check_trusted, ensure_private_dir, fsync_dir
 from janus_hooks.layout import is_hashed, vm_filename, vm_from_filename
@@ -36,6 +35,9 @@ from janus_hooks.schema import (
     quote,
     record,
 )
+
+if TYPE_CHECKING:
+    from janus_hooks.actions import Action
 
 log = logging.getLogger(__name__)
 
@@ -432,6 +434,9 @@ def parse_journal(path: Path, vm: str | None = None) -> JournalState:
 
 
 def _apply_record(state: JournalState, by_index: dict[int, Step], raw: Any) -> None:
+    # Imported when a journal is read: the agent idles without the action classes while no VM is switched.
+    from janus_hooks.actions import action_from_json, old_from_json
+
     kind = raw.get("type") if isinstance(raw, dict) else None
     if kind == "intent":
         rec = record(_INTENT, raw, set(_INTENT))

@@ -9,16 +9,44 @@ One module per command family; ``common`` holds what they share (``Env``, ``Fail
 
 from __future__ import annotations
 
+import importlib
+
 import click
 
 import janus_hooks
-from janus_hooks.cli import agent, diagnose, journal, profile, reserve, setup, status, vm
 from janus_hooks.cli.common import Env, Failure, JanusGroup
 
 __all__ = ["Env", "Failure", "cli", "main"]
 
+# Each command: the module of janus_hooks.cli that defines it and its name there. A command's module is
+# imported when that command runs (or help lists it): the agent, which runs for the host's lifetime, does
+# not carry the installer, vm create's templates or the planner.
+COMMANDS = {
+    "install": ("setup", "install"), "uninstall": ("setup", "uninstall"),
+    "check": ("diagnose", "check"), "devices": ("diagnose", "devices"), "plan": ("diagnose", "plan"),
+    "profile": ("profile", "profile"), "vm": ("vm", "vm"),
+    "reserve": ("reserve", "reserve"), "unreserve": ("reserve", "unreserve"),
+    "journal": ("journal", "journal"), "rollback": ("journal", "rollback"),
+    "status": ("status", "status"), "agent": ("agent", "agent"),
+}
 
-@click.group(cls=JanusGroup, context_settings={"help_option_names": ["-h", "--help"]})
+
+class LazyGroup(JanusGroup):
+    """``janus-hooks``' group: commands from COMMANDS, each module imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in COMMANDS:
+            return None
+        module, name = COMMANDS[cmd_name]
+        command = getattr(importlib.import_module(f"janus_hooks.cli.{module}"), name)
+        assert isinstance(command, click.Command) and command.name == cmd_name, (cmd_name, command)
+        return command
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(janus_hooks.__version__, prog_name="janus-hooks")
 @click.pass_context
 def cli(ctx: click.Context) -> None:
@@ -29,12 +57,6 @@ def cli(ctx: click.Context) -> None:
     If the desktop does not come back: 'janus-hooks rollback VM'.
     """
     ctx.ensure_object(Env)
-
-
-for _command in (setup.install, setup.uninstall, diagnose.check, diagnose.devices, diagnose.plan,
-                profile.profile, vm.vm, reserve.reserve, reserve.unreserve, journal.journal, journal.rollback,
-                status.status, agent.agent):
-    cli.add_command(_command)
 
 
 def main(argv: list[str] | None = None, prog_name: str = "janus-hooks") -> None:

@@ -37,7 +37,6 @@ def agent(env: Env, root: Path, uri: str, no_libvirt: bool, udev_source: str, re
 
     from janus_hooks.agent import Agent, AgentOptions
     from janus_hooks.agent.desktop import DesktopNotifier
-    from janus_hooks.runtime import Janus
 
     env.require_root("agent")
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
@@ -47,6 +46,9 @@ def agent(env: Env, root: Path, uri: str, no_libvirt: bool, udev_source: str, re
                            release_grace=release_grace)
 
     def make_janus(config):
+        # Imported at the first rollback: an idle agent does not carry the engine and its actions.
+        from janus_hooks.runtime import Janus
+
         return Janus.open(host, services=env.services, runner=env.runner, restoring=True, config=config)
 
     daemon = Agent(host, options, make_janus, notifier=DesktopNotifier(host, env.runner))

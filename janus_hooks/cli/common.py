@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -25,7 +25,9 @@ from janus_hooks.errors import JanusError
 from janus_hooks.files import ensure_private_dir
 from janus_hooks.host import Host, Runner, Services, SubprocessRunner, SystemdServices
 from janus_hooks.journal import JournalStore
-from janus_hooks.runtime import Janus
+
+if TYPE_CHECKING:
+    from janus_hooks.runtime import Janus
 
 DEFAULT_URI = "qemu:///system"
 LIBVIRT_TIMEOUT = 15.0
@@ -37,6 +39,14 @@ class Failure(click.ClickException):
 
     def show(self, file: Any = None) -> None:
         click.echo(f"janus-hooks: {self.format_message()}", err=True)
+
+
+def _open_janus(host: Host, restoring: bool = False) -> Janus:
+    # Imported here: the engine and its actions are for the commands that change the host (and the agent
+    # loads them only when it rolls something back).
+    from janus_hooks.runtime import Janus
+
+    return Janus.open(host, restoring=restoring)
 
 
 def _connect_libvirt(uri: str, readonly: bool) -> Any:
@@ -57,7 +67,7 @@ class Env:
     services: Services | None = None  # systemctl through ``runner`` when None
     kill: Callable[[int, int], None] = os.kill
     make_host: Callable[[Path], Host] = Host
-    make_janus: Callable[..., Janus] = Janus.open  # (host, restoring=False)
+    make_janus: Callable[..., Janus] = _open_janus  # (host, restoring=False)
     connect: Callable[[str, bool], Any] = _connect_libvirt
     live: bool | None = None  # acts on the running system; None: when the root is /
     interactive: Callable[[], bool] = field(default=lambda: sys.stdin.isatty() and sys.stdout.isatty())
