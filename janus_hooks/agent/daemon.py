@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from janus_hooks.agent.desktop import DesktopNotifier
 from janus_hooks.agent.events import (
@@ -34,6 +34,7 @@ from janus_hooks.agent.events import (
     VmLifecycle,
 )
 from janus_hooks.agent.file_watch import FileWatch
+from janus_hooks.agent.hotplug import DeviceNote, DeviceNotes, claim_reserved, reserved_slot
 from janus_hooks.agent.qemu_watch import QemuWatch
 from janus_hooks.agent.sdnotify import SdNotify
 from janus_hooks.config import Config, config_path, load_config, load_profile
@@ -43,7 +44,9 @@ from janus_hooks.files import ensure_private_dir
 from janus_hooks.host import Host
 from janus_hooks.journal import JournalStore
 from janus_hooks.layout import vm_from_filename
-from janus_hooks.runtime import Janus
+
+if TYPE_CHECKING:  # the engine is loaded by the first rollback, not by an idle agent
+    from janus_hooks.runtime import Janus
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +75,7 @@ class Agent:
         self.sd = sd or SdNotify()
         self.store = JournalStore(host.state_dir())
         self.failures = FailureStore(host.state_dir())
+        self.notes = DeviceNotes(host.state_dir())
         self.config = Config()
         self._make_libvirt = make_libvirt
         self._make_udev = make_udev
@@ -387,14 +391,41 @@ class Agent:
                 log.error("devices: host driver %s bound %s while VM %s (QEMU pid %d) holds it",
                           event.driver, event.name, holder, running)
                 return
-        if event.action == "remove" and holder:
-            log.error("devices: %s, held by VM %s, left the bus", event.name, holder)
-            return
         is_gpu = bool(event.pci_class) and event.pci_class.zfill(6).startswith("03")
         what = "GPU" if is_gpu else "PCI device"
+        if event.action == "remove" and holder:
+            log.error("devices: %s, held by VM %s, left the bus", event.name, holder)
+            self._note(DeviceNote(time.time(), event.name, "removed", f"{what} held by VM {holder}: gone from the "
+                                  "PCI bus while its journal is open", holder))
+            return
+        if event.action == "add" and not holder:
+            self._off_loop(lambda: self._added(event.name, is_gpu), lambda _r: None)
+            return
         driver = f" ({event.driver})" if event.driver else ""
         log.info("devices: %s %s %s%s%s", what, event.name, event.action, driver,
                  f", held by VM {holder}" if holder else "")
+        if event.action == "remove" and is_gpu:
+            self._note(DeviceNote(time.time(), event.name, "removed", "GPU left the PCI bus"))
+
+    def _added(self, address: str, is_gpu: bool) -> None:
+        """A PCI function appeared: a reserved GPU's goes to vfio-pci; a GPU is noted. Worker thread."""
+        slot = reserved_slot(self.host, address)
+        if slot is None:
+            log.info("devices: %s %s add", "GPU" if is_gpu else "PCI device", address)
+            if is_gpu:
+                self.notes.add(DeviceNote(time.time(), address, "added", "GPU (not reserved for VMs)"))
+            return
+        try:
+            done = claim_reserved(self.host, address, self.config.timeouts.driver)
+        except JanusError as err:
+            log.error("devices: reserved GPU %s: %s", slot, err)
+            self.notes.add(DeviceNote(time.time(), address, "added", f"reserved for VMs, NOT on vfio-pci: {err}"))
+            return
+        log.info("devices: %s added, a function of GPU %s reserved for VMs: %s", address, slot, done)
+        self.notes.add(DeviceNote(time.time(), address, "added", f"reserved for VMs: {done}"))
+
+    def _note(self, note: DeviceNote) -> None:
+        self._off_loop(lambda: self.notes.add(note), lambda _r: None)
 
     # --- config and failures -------------------------------------------------------------------------------
     def reload_config(self) -> bool:

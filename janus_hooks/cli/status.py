@@ -10,6 +10,7 @@ import click
 import janus_hooks
 from janus_hooks import check as checks
 from janus_hooks import install as inst
+from janus_hooks.agent.hotplug import DeviceNotes
 from janus_hooks.cli.common import Env, Failure, connect_option, readable_store, root_option, when
 from janus_hooks.config import load_profile
 from janus_hooks.domain import PROFILE_NS, parse_domain
@@ -18,6 +19,8 @@ from janus_hooks.failures import FailureStore
 from janus_hooks.host import Host
 from janus_hooks.journal import JournalState
 from janus_hooks.layout import vm_from_filename
+
+NOTES_SHOWN = 5
 
 
 def _toml_profiles(host: Host) -> dict[str, str]:
@@ -96,13 +99,21 @@ def status(env: Env, root: Path, uri: str) -> None:
                 click.echo(f"    WARNING: {line}")
         if vm in failures:
             click.echo(f"    last failed start: {when(failures[vm].time)}: {failures[vm].reason}")
+    notes = DeviceNotes(host.state_dir()).all()[-NOTES_SHOWN:]
+    if notes:
+        click.echo("Devices that came or went (seen by the agent, newest last):")
+        for note in notes:
+            click.echo(f"  {note.line()}")
 
 
 def _strays(host: Host, state: JournalState) -> list[str]:
-    """Devices a running VM holds that a host driver took (the agent logs it as it happens)."""
+    """Devices a VM's journal holds that left the bus, and those a host driver took while the VM runs (the
+    agent logs both as they happen)."""
     pid = host.vm_process(state.vm)
+    running = f"VM {state.vm} runs (QEMU pid {pid})" if pid is not None else f"VM {state.vm}'s journal is open"
+    gone = [f"{address} is gone from the PCI bus while {running}" for address in state.devices
+            if not host.pci_dir(address).exists()]
     if pid is None:
-        return []
-    return [f"{address} is bound to host driver {driver} while VM {state.vm} runs (QEMU pid {pid})"
-            for address in state.devices
-            if (driver := host.pci_driver(address)) is not None and driver != "vfio-pci"]
+        return gone
+    return gone + [f"{address} is bound to host driver {driver} while {running}" for address in state.devices
+                   if (driver := host.pci_driver(address)) is not None and driver != "vfio-pci"]

@@ -184,3 +184,137 @@ def test_a_notification_that_cannot_be_delivered_is_tried_again(fake, run_agent,
     runner.status = 0
     write(h.root / "run/systemd/sessions/c9", "UID=1000\nUSER=ann\nACTIVE=1\nTYPE=x11\nSEAT=seat0\nSTATE=active\n")
     _wait(lambda: FailureStore(h.root / "var/lib/janus-hooks").read("broken").notified, 10, "the second try")
+
+
+# --- hotplug -------------------------------------------------------------------------------------------------
+AMD_GPU, AMD_AUDIO = "0000:03:00.0", "0000:03:00.1"
+
+
+def _unplug(root, address: str, stash) -> None:
+    """The function leaves the bus: its sysfs directory and its driver's link go (kept aside to come back)."""
+    import shutil
+
+    dev = root / "sys/bus/pci/devices" / address
+    shutil.copytree(dev, stash / address, symlinks=True)
+    driver = dev / "driver"
+    if driver.is_symlink():
+        (root / "sys/bus/pci/drivers" / os.path.basename(os.readlink(driver)) / address).unlink()
+    shutil.rmtree(dev)
+
+
+def _plug(root, address: str, stash, driver: str | None) -> None:
+    """The function comes back, as the kernel adds it: driver_override empty, ``driver`` bound if a loaded host
+    driver probed it first (with udevd's rule not applied)."""
+    import shutil
+
+    dev = root / "sys/bus/pci/devices" / address
+    shutil.copytree(stash / address, dev, symlinks=True)
+    shutil.rmtree(stash / address)
+    write(dev / "driver_override", "(null)\n")
+    (dev / "driver").unlink(missing_ok=True)
+    if driver:
+        (dev / "driver").symlink_to(f"../../../../bus/pci/drivers/{driver}")
+        (root / "sys/bus/pci/drivers" / driver / address).symlink_to(f"../../../../devices/{address}")
+
+
+def _reserve(h, address: str) -> None:
+    from janus_hooks import reserve
+    from janus_hooks.host import Host
+
+    host = Host(h.root, h.kernel)
+    _reservation, changes = reserve.plan_reserve(host, address)
+    reserve.apply(changes)
+
+
+def _status(h) -> str:
+    from click.testing import CliRunner
+
+    from janus_hooks.cli import Env, cli
+    from janus_hooks.host import Host
+
+    env = Env(geteuid=lambda: 0, runner=h.runner, make_host=lambda root: Host(root, h.kernel),
+              connect=lambda uri, ro: (_ for _ in ()).throw(RuntimeError("no libvirt here")))
+    result = CliRunner().invoke(cli, ["status", "--root", str(h.root)], obj=env)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_a_reserved_gpu_hot_added_goes_to_vfio_even_without_udevs_rule(fake, run_agent, caplog, tmp_path):
+    h = fake(hosts.amd_dgpu_with_igpu)
+    _reserve(h, AMD_GPU)
+    rules = (h.root / "etc/udev/rules.d/40-janus-hooks-reserve.rules").read_text()
+    agent = run_agent(h, libvirt=False)
+    stash = tmp_path / "unplugged"
+    for address in (AMD_GPU, AMD_AUDIO):  # the eGPU is unplugged while the host runs
+        _unplug(h.root, address, stash)
+    agent.post(DeviceEvent("remove", "pci", AMD_GPU, None, "30000"))
+    agent.post(DeviceEvent("remove", "pci", AMD_AUDIO, None, "40300"))
+    agent.idle()
+    # Plugged in again: amdgpu (loaded) probed the GPU before anything could stop it; the audio function is
+    # still unbound. vfio-pci is not loaded yet.
+    assert not (h.root / "sys/module/vfio_pci/refcnt").exists()
+    _plug(h.root, AMD_GPU, stash, "amdgpu")
+    _plug(h.root, AMD_AUDIO, stash, None)
+    agent.post(DeviceEvent("add", "pci", AMD_GPU, None, "30000"))
+    agent.post(DeviceEvent("add", "pci", AMD_AUDIO, None, "40300"))
+    _wait(lambda: "devices: 0000:03:00.1 added" in caplog.text, 10, "the audio function to be handled")
+    agent.idle()
+    for address in (AMD_GPU, AMD_AUDIO):
+        assert _host(h).pci_driver(address) == "vfio-pci", address
+        assert _host(h).pci_driver_override(address) == "vfio-pci", address
+    assert (f"devices: {AMD_GPU} added, a function of GPU 0000:03:00 reserved for VMs: put on vfio-pci by the agent "
+            "(udev's rule did not apply, taken from amdgpu)") in caplog.text
+    # The reservation's rule is the only persistent change; the agent wrote none.
+    assert (h.root / "etc/udev/rules.d/40-janus-hooks-reserve.rules").read_text() == rules
+    assert not (h.root / "etc/modprobe.d/vfio.conf").exists()
+    status = _status(h)
+    assert "Devices that came or went (seen by the agent, newest last):" in status
+    assert f"{AMD_GPU} removed: GPU left the PCI bus" in status
+    assert (f"{AMD_GPU} added: reserved for VMs: put on vfio-pci by the agent (udev's rule did not apply, taken "
+            "from amdgpu)") in status
+    # A GPU that is not reserved is only noted.
+    agent.post(DeviceEvent("add", "pci", "0000:0c:00.0", "amdgpu", "30000"))
+    agent.idle()
+    assert "0000:0c:00.0 added: GPU (not reserved for VMs)" in _status(h)
+    assert _host(h).pci_driver("0000:0c:00.0") == "amdgpu"
+
+
+def test_a_reserved_function_a_process_holds_is_not_taken_and_status_says_so(fake, run_agent, caplog, tmp_path):
+    from tests.fake.world import spawn_process
+
+    h = fake(hosts.amd_dgpu_with_igpu)
+    _reserve(h, AMD_GPU)
+    agent = run_agent(h, libvirt=False)
+    _unplug(h.root, AMD_GPU, tmp_path)
+    _plug(h.root, AMD_GPU, tmp_path, "amdgpu")
+    spawn_process(h.root, {"pid": 1700, "comm": "kwin_wayland", "fds": ["/dev/dri/card1"], "cgroup": "/", "uid": 1000,
+                           "opath": False})
+    agent.post(DeviceEvent("add", "pci", AMD_GPU, None, "30000"))
+    _wait(lambda: "devices: reserved GPU 0000:03:00:" in caplog.text, 10, "the refusal")
+    agent.idle()
+    assert _host(h).pci_driver(AMD_GPU) == "amdgpu"
+    assert f"{AMD_GPU} (reserved for VMs) was taken by amdgpu and is held by pid 1700 (kwin_wayland)" in caplog.text
+    assert f"{AMD_GPU} added: reserved for VMs, NOT on vfio-pci: {AMD_GPU} (reserved for VMs) was taken" in _status(h)
+
+
+def test_a_gpu_a_running_vm_holds_falls_off_the_bus_status_names_the_vm(fake, run_agent, caplog, tmp_path):
+    h = fake(hosts.single_nvidia)
+    assert h.hook("win11", "prepare", "begin", domain_xml(hostdevs=hosts.NVIDIA_FUNCTIONS))[0] == 0
+    write(h.root / "proc/4242/cmdline", "qemu-system-x86_64\0-name\0guest=win11\0")
+    agent = run_agent(h, libvirt=False)
+    _unplug(h.root, hosts.NVIDIA_FUNCTIONS[0], tmp_path)
+    agent.post(DeviceEvent("remove", "pci", hosts.NVIDIA_FUNCTIONS[0], None, "30000"))
+    agent.idle()
+    _wait(lambda: "removed" in (h.root / "var/lib/janus-hooks/devices.json").read_text()
+          if (h.root / "var/lib/janus-hooks/devices.json").exists() else False, 10, "the note")
+    status = _status(h)
+    gpu = hosts.NVIDIA_FUNCTIONS[0]
+    assert f"    WARNING: {gpu} is gone from the PCI bus while VM win11 runs (QEMU pid 4242)" in status
+    assert f"{gpu} removed: GPU held by VM win11: gone from the PCI bus while its journal is open" in status
+    assert h.journal_vms() == ["win11"]  # reported, never rolled back for it
+
+
+def _host(h):
+    from janus_hooks.host import Host
+
+    return Host(h.root, h.kernel)
