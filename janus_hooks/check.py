@@ -15,7 +15,7 @@ from typing import Any
 from janus_hooks.config import Config, load_config
 from janus_hooks.cpuset import format_cpulist
 from janus_hooks.domain import MODES, DomainSpec, HostDev
-from janus_hooks.errors import JanusError
+from janus_hooks.errors import JanusError, UnsafeStateError
 from janus_hooks.gpu import quirks
 from janus_hooks.host import Host, PciDevice, Runner, Services
 from janus_hooks.install import Identity, Manifest, file_state, find_conflicts, hook_path, render_shim
@@ -298,9 +298,12 @@ def host_checks(host: Host, probe: Probe, config_error: str | None) -> list[Chec
         checks.append(Check("hugetlbfs", WARN, "hugetlbfs is not mounted: VMs with hugepage backing cannot start "
                                                "(mount it and restart libvirtd)"))
     checks.append(libvirt_check(host, probe))
-    checks += hook_checks(host)
-    checks += [Check("conflict", WARN, note) for note in find_conflicts(host)]
-    checks.append(agent_check(host, probe))
+    try:
+        checks += hook_checks(host)
+        checks += [Check("conflict", WARN, note) for note in find_conflicts(host)]
+        checks.append(agent_check(host, probe))
+    except UnsafeStateError as err:  # an install path that leads elsewhere: the other checks still answer
+        checks.append(Check("hook", FAIL, str(err)))
     if config_error:
         checks.append(Check("config", FAIL, config_error))
     return checks

@@ -9,8 +9,8 @@ from pathlib import Path
 from janus_hooks.errors import UnsafeStateError
 
 
-def _trusted_owner(uid: int) -> bool:
-    # root in production; the user running the tests on a temporary host tree.
+def trusted_owner(uid: int) -> bool:
+    """root in production; the user running the tests on a temporary host tree."""
     return uid in (0, os.geteuid())
 
 
@@ -22,7 +22,7 @@ def check_trusted(path: Path) -> None:
         return
     if stat.S_ISLNK(st.st_mode):
         raise UnsafeStateError(f"{path} is a symbolic link; refusing to follow it")
-    if not _trusted_owner(st.st_uid):
+    if not trusted_owner(st.st_uid):
         raise UnsafeStateError(f"{path} is owned by uid {st.st_uid}, not root; refusing to use it")
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise UnsafeStateError(
@@ -42,7 +42,7 @@ def ensure_private_dir(path: Path) -> Path:
         raise UnsafeStateError(f"{path} is a symbolic link; refusing to keep state where it points")
     if not stat.S_ISDIR(st.st_mode):
         raise UnsafeStateError(f"{path} is not a directory; refusing to keep state there")
-    if not _trusted_owner(st.st_uid):
+    if not trusted_owner(st.st_uid):
         raise UnsafeStateError(f"{path} is owned by uid {st.st_uid}, not root; refusing to keep state there")
     if stat.S_IMODE(st.st_mode) & 0o077:
         raise UnsafeStateError(

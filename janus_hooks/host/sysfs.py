@@ -22,6 +22,7 @@ from janus_hooks.host.model import (
     Session,
     VtConsole,
 )
+from janus_hooks.host.paths import resolve_beneath
 from janus_hooks.host.storage import BackingDevice, StorageMap
 
 # Device nodes through which a process keeps a GPU busy, or its audio function (snd_hda_intel's unbind waits
@@ -573,17 +574,19 @@ class Host:
         return set()
 
     # --- janus-hooks' own files ---------------------------------------------------------------------------
+    # Root writes and trusts what is below these: each is resolved beneath the root (resolve_beneath), so a
+    # link on the way that someone else owns, or that leads out of the root, is refused, not followed.
     def config_dir(self) -> Path:
-        return self.path(layout.CONFIG_DIR)
+        return resolve_beneath(self.root, layout.CONFIG_DIR)
 
     def state_dir(self) -> Path:
-        return self.path(layout.STATE_DIR)
+        return resolve_beneath(self.root, layout.STATE_DIR)
 
     def log_dir(self) -> Path:
-        return self.path(layout.LOG_DIR)
+        return resolve_beneath(self.root, layout.LOG_DIR)
 
     def libvirt_hooks_dir(self) -> Path:
-        return self.path("etc/libvirt/hooks")
+        return resolve_beneath(self.root, "etc/libvirt/hooks")
 
     # --- what `janus-hooks install`, `check` and `status` look at ----------------------------------------
     def sessions_dir(self) -> Path:
@@ -591,10 +594,10 @@ class Host:
         return self.path("run/systemd/sessions")
 
     def udev_rules_dir(self) -> Path:
-        return self.path("etc/udev/rules.d")
+        return resolve_beneath(self.root, "etc/udev/rules.d")
 
     def systemd_unit_dir(self) -> Path:
-        return self.path("etc/systemd/system")
+        return resolve_beneath(self.root, "etc/systemd/system")
 
     def udev_running(self) -> bool:
         # udevd's control socket: `udevadm control` fails without it (containers, chroots).
