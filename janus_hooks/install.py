@@ -29,6 +29,7 @@ from janus_hooks.config import config_path
 from janus_hooks.errors import JanusError
 from janus_hooks.files import atomic_write, ensure_private_dir, fsync_dir
 from janus_hooks.host import Host, Runner
+from janus_hooks.host.paths import others_can_change, tree_others_can_change
 from janus_hooks.journal import JournalStore
 from janus_hooks.resources import data_file, data_files
 
@@ -69,6 +70,22 @@ class Identity:
             python=os.path.abspath(sys.executable),
             package_dir=str(package.parent),
         )
+
+
+ROOT_OWNED_INSTALL = ("install janus-hooks where only root can change it, e.g. 'sudo python3 -m venv /opt/janus-hooks "
+                      "&& sudo /opt/janus-hooks/bin/pip install janus-hooks', then run "
+                      "'sudo /opt/janus-hooks/bin/janus-hooks install'")
+
+
+def refuse_code_others_can_change(ident: Identity) -> None:
+    """The hook and the units run this interpreter and this package as root at every VM start, suspend and
+    boot: whoever can change either (or a directory on the way) would become root. Refuse that install."""
+    package = Path(ident.package_dir) / "janus_hooks"
+    for problem in (others_can_change(ident.interpreter), others_can_change(ident.python),
+                    tree_others_can_change(package)):
+        if problem:
+            raise InstallError(f"{problem}: the hook would run as root code that others can change; "
+                               f"{ROOT_OWNED_INSTALL}")
 
 
 def render_shim(template: str, ident: Identity) -> str:

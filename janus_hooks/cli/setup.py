@@ -41,12 +41,16 @@ def install(env: Env, root: Path, dry_run: bool, yes: bool) -> None:
     with this Python; an existing etc/libvirt/hooks/qemu dispatcher and other
     drop-ins are never touched. A config you changed is never overwritten.
     Everything written is listed in a manifest for 'janus-hooks uninstall'.
-    Running it again is safe: it only writes what changed.
+    Running it again is safe: it only writes what changed. Refuses when
+    someone other than root could change the interpreter or the package
+    (a venv in a home directory): root would run their code.
     """
     if not dry_run:
         env.require_root("install")
     host = env.host(root)
-    plan = inst.plan_install(host, inst.Identity.current(host.root))
+    ident = inst.Identity.current(host.root)
+    inst.refuse_code_others_can_change(ident)
+    plan = inst.plan_install(host, ident)
     click.echo(f"janus-hooks {janus_hooks.__version__} into {host.root}: the hook runs "
                f"{plan.ident.interpreter} with the package in {plan.ident.package_dir}")
     for rel, mode in plan.dirs:
