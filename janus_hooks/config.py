@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,6 +119,10 @@ class Config:
     def start_command(self) -> tuple[str, ...]:
         return self.display.start_command
 
+    def isolates(self, requested: bool | None) -> bool:
+        """Whether a VM's cores are isolated: its own request (isolate yes/no) first, then ``[cpu] isolate``."""
+        return requested is True or (requested is None and self.cpu.isolate)
+
 
 @dataclass(frozen=True)
 class VmProfile:
@@ -160,6 +163,8 @@ def _load_toml(path: Path) -> dict:
 
 
 def _suggest(name: str, known: list[str]) -> str:
+    import difflib  # only a mistyped key needs it: not every hook process
+
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
     return f"; did you mean {close[0]}?" if close else ""
 

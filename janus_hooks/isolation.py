@@ -31,7 +31,7 @@ from janus_hooks.snapshot import CpuState, HostSnapshot
 
 def wants_isolation(spec: DomainSpec, config: Config) -> bool:
     """Whether a start of ``spec`` will look at CPU isolation (the snapshot then reads the CPU state)."""
-    return spec.isolate is True or (spec.isolate is None and config.cpu.isolate)
+    return config.isolates(spec.isolate)
 
 
 def isolation_steps(spec: DomainSpec, config: Config, snap: HostSnapshot) -> tuple[list[Action], list[str]]:

@@ -21,9 +21,7 @@ from janus_hooks.actions import (
     Action,
     AllocateHugepages,
     BindVfio,
-    CreateMdev,
     DetachFramebuffer,
-    EnableVfs,
     EndSession,
     LoadModule,
     RunDisplayCommands,
@@ -39,7 +37,6 @@ from janus_hooks.errors import PlanRefused
 from janus_hooks.gpu import backend_for, quirks
 from janus_hooks.host import Module, PciDevice, ProcessHold
 from janus_hooks.host.sysfs import dev_node
-from janus_hooks.isolation import isolation_steps
 from janus_hooks.snapshot import HostSnapshot
 
 # The IOMMU backend first: loading vfio-pci also loads it (a soft dependency on Debian's 6.1), and a step
@@ -124,9 +121,14 @@ def make_plan(spec: DomainSpec, mode: str | None, config: Config, snap: HostSnap
                 _console(b, gpus)
             b.actions += unloading
         _vfio(b, addresses)
-        steps, notes = isolation_steps(spec, config, snap)
-        b.actions += steps
-        b.notes += notes
+        if config.isolates(spec.isolate):
+            # CPU isolation's planner and actions are imported only for a VM that asks for it: every other
+            # start would pay for their classes (see janus_hooks/actions/__init__.py).
+            from janus_hooks.isolation import isolation_steps
+
+            steps, notes = isolation_steps(spec, config, snap)
+            b.actions += steps
+            b.notes += notes
     except (_Refuse, PlanRefused) as refusal:
         return Plan(spec.name, mode, addresses, refusal=str(refusal))
     return Plan(spec.name, mode, addresses, tuple(b.actions), tuple(b.notes))
@@ -134,6 +136,8 @@ def make_plan(spec: DomainSpec, mode: str | None, config: Config, snap: HostSnap
 
 def _shared_plan(b: _Builder, addresses: tuple[str, ...]) -> Plan:
     """shared-vram: hugepages, then the mdev instance or VFs on the host's GPU, which the host keeps."""
+    from janus_hooks.actions import CreateMdev, EnableVfs  # only this mode's starts load their classes
+
     vm = b.spec.name
     try:
         _hugepages(b)

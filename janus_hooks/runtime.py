@@ -70,7 +70,6 @@ class Janus:
 
     def plan(self, spec: DomainSpec) -> Plan:
         # Only a start plans: a release (the hook's other slow path) never imports the planner.
-        from janus_hooks.isolation import wants_isolation
         from janus_hooks.plan import make_plan
         from janus_hooks.snapshot import CpuState, HostSnapshot
 
@@ -79,7 +78,7 @@ class Janus:
             return make_plan(spec, None, self.config, None)
         spec = replace(spec, isolate=isolate)
         cpu = None
-        if wants_isolation(spec, self.config):
+        if self.config.isolates(spec.isolate):
             cpu = CpuState.read(self.host, self.store.cpu_claims(self.host.boot_id(), except_vm=spec.name))
         snap = HostSnapshot.read(self.host, claims=self.store.claims(except_vm=spec.name),
                                  units_of_interest=tuple(self.config.stop_units) + units, cpu=cpu)

@@ -30,12 +30,12 @@ def quote(value: object) -> str:
 
 
 def pattern(regex: str, what: str, max_len: int = 255) -> Validator:
-    compiled = re.compile(regex)
-
+    # Compiled on first use (re keeps it cached): the hook checks a handful of these, and compiling all of
+    # them at import would cost every hook process a few milliseconds.
     def check(value: Any) -> str:
         if not isinstance(value, str):
             raise SchemaError(f"{what} must be a string, not {type(value).__name__}")
-        if len(value) > max_len or not compiled.fullmatch(value):
+        if len(value) > max_len or not re.fullmatch(regex, value):
             raise SchemaError(f"{quote(value)} is not {what}")
         return value
 

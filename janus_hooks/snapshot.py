@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from janus_hooks.actions.cpu import IRQBALANCE_UNIT
 from janus_hooks.gpu import backend_for, nodes_for
 from janus_hooks.host import (
     Framebuffer,
@@ -135,6 +134,8 @@ class HostSnapshot:
         shared = {(h.pid, h.node): host.shared_with(h, others) for h in holders if h.session_device_keeper}
         candidates = set(KNOWN_DISPLAY_MANAGERS) | set(units_of_interest) | {"nvidia-persistenced.service"}
         if cpu is not None:
+            from janus_hooks.actions.cpu import IRQBALANCE_UNIT  # CPU isolation's module: loaded when planned
+
             candidates.add(IRQBALANCE_UNIT)
         return cls(
             devices=devices,

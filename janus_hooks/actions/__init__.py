@@ -1,49 +1,60 @@
-"""One small class per kind of change. Importing this package registers every kind for the journal."""
+"""One small class per kind of change.
+
+Each kind's module is imported when a name from it is first used (PEP 562 ``__getattr__``), and a journal
+record loads only the module of its kind (``base.KIND_MODULES``): a hook process pays for the dataclasses of
+the changes it makes, not for those of CPU isolation or shared GPUs when the VM has none.
+"""
 
 from janus_hooks.actions.base import Action, Context, action_from_json, action_kinds, old_from_json, wait_until
-from janus_hooks.actions.console import DetachFramebuffer, UnbindVtconsole
-from janus_hooks.actions.cpu import (
-    MoveIrqs,
-    RestrictCgroupCpus,
-    RestrictDefaultIrqAffinity,
-    RestrictUnitCpus,
-    RestrictWorkqueues,
-    SetGovernor,
-    SharedCpuStep,
-    StopIrqbalance,
-)
-from janus_hooks.actions.display import EndSession, RunDisplayCommands, StopUnit, StopUserUnit, WaitReleased
-from janus_hooks.actions.driver import VFIO_DRIVER, BindVfio, LoadModule, UnloadModule
-from janus_hooks.actions.memory import AllocateHugepages
-from janus_hooks.actions.shared import CreateMdev, EnableVfs
+
+# Every public name of the action modules, and the module that defines it.
+_LAZY = {
+    "DetachFramebuffer": "console",
+    "UnbindVtconsole": "console",
+    "MoveIrqs": "cpu",
+    "RestrictCgroupCpus": "cpu",
+    "RestrictDefaultIrqAffinity": "cpu",
+    "RestrictUnitCpus": "cpu",
+    "RestrictWorkqueues": "cpu",
+    "SetGovernor": "cpu",
+    "SharedCpuStep": "cpu",
+    "StopIrqbalance": "cpu",
+    "EndSession": "display",
+    "RunDisplayCommands": "display",
+    "StopUnit": "display",
+    "StopUserUnit": "display",
+    "WaitReleased": "display",
+    "VFIO_DRIVER": "driver",
+    "BindVfio": "driver",
+    "LoadModule": "driver",
+    "UnloadModule": "driver",
+    "AllocateHugepages": "memory",
+    "CreateMdev": "shared",
+    "EnableVfs": "shared",
+}
+
+
+def _submodule(module: str) -> object:
+    # __import__ rather than importlib.import_module: -X importtime (the bench's import breakdown) only
+    # reports imports that go through the interpreter's own import statement.
+    return __import__(f"{__name__}.{module}", fromlist=["__name__"])
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(_submodule(module), name)
+    globals()[name] = value  # later lookups find it without coming back here
+    return value
+
 
 __all__ = [
-    "VFIO_DRIVER",
     "Action",
-    "AllocateHugepages",
-    "BindVfio",
     "Context",
-    "CreateMdev",
-    "DetachFramebuffer",
-    "EnableVfs",
-    "EndSession",
-    "LoadModule",
-    "MoveIrqs",
-    "RestrictCgroupCpus",
-    "RestrictDefaultIrqAffinity",
-    "RestrictUnitCpus",
-    "RestrictWorkqueues",
-    "RunDisplayCommands",
-    "SetGovernor",
-    "SharedCpuStep",
-    "StopIrqbalance",
-    "StopUnit",
-    "StopUserUnit",
-    "UnbindVtconsole",
-    "UnloadModule",
-    "WaitReleased",
     "action_from_json",
     "action_kinds",
     "old_from_json",
     "wait_until",
+    *_LAZY,
 ]

@@ -57,6 +57,30 @@ def wait_until(ctx: Context, done: Callable[[], bool], timeout: float, what: str
 
 
 _REGISTRY: dict[str, type[Action]] = {}
+# Which module of this package defines each kind: a journal record imports only its kind's module (see the
+# package's docstring). A test checks this table against the kinds the modules register.
+KIND_MODULES = {
+    "unbind-vtconsole": "console",
+    "detach-framebuffer": "console",
+    "restrict-unit-cpus": "cpu",
+    "restrict-cgroup-cpus": "cpu",
+    "restrict-default-irq-affinity": "cpu",
+    "restrict-workqueues": "cpu",
+    "move-irqs": "cpu",
+    "stop-irqbalance": "cpu",
+    "set-governor": "cpu",
+    "stop-unit": "display",
+    "end-session": "display",
+    "stop-user-unit": "display",
+    "display-commands": "display",
+    "wait-released": "display",
+    "unload-module": "driver",
+    "load-module": "driver",
+    "bind-vfio": "driver",
+    "allocate-hugepages": "memory",
+    "create-mdev": "shared",
+    "enable-vfs": "shared",
+}
 
 
 @dataclass(frozen=True)
@@ -106,8 +130,16 @@ class Action:
 
 
 def action_kinds() -> dict[str, type[Action]]:
-    """Every registered action kind: what a journal may name."""
+    """Every action kind: what a journal may name (imports every action module)."""
+    for module in sorted(set(KIND_MODULES.values())):
+        __import__(f"janus_hooks.actions.{module}")
     return dict(_REGISTRY)
+
+
+def _kind_class(kind: str) -> type[Action] | None:
+    if kind not in _REGISTRY and kind in KIND_MODULES:
+        __import__(f"janus_hooks.actions.{KIND_MODULES[kind]}")  # (not importlib: see the package's _submodule)
+    return _REGISTRY.get(kind)
 
 
 def action_from_json(data: Any) -> Action:
@@ -116,7 +148,7 @@ def action_from_json(data: Any) -> Action:
         raise SchemaError(f"action must be an object, not {type(data).__name__}")
     data = dict(data)
     kind = data.pop("kind", None)
-    cls = _REGISTRY.get(kind) if isinstance(kind, str) else None
+    cls = _kind_class(kind) if isinstance(kind, str) else None
     if cls is None:
         raise SchemaError(f"unknown action kind {kind!r}"[:80])
     # Fields with a default may be absent (a journal written before the field existed).

@@ -72,7 +72,7 @@ class SharedCpuStep(Action):
 
     def _elsewhere(self, ctx: Context) -> tuple[frozenset[int], dict[str, Any] | None]:
         """Cores other running VMs hold, and the captured state of another open step on this setting."""
-        # Imported here: the journal module imports every action kind.
+        # Imported here: the journal imports the actions package, which loads this module on demand.
         from janus_hooks.journal import JournalStore
 
         held: set[int] = set()

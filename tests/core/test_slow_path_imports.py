@@ -18,7 +18,14 @@ from tests.fake import hosts
 
 REPO = Path(__file__).resolve().parents[2]
 # logging.handlers (and what only it pulls in): the hook's log file has its own small rotating handler.
-NOT_ON_SLOW_PATH = ("logging.handlers", "socket", "pickle", "queue")
+# The CLI, the agent and their libraries, VM creation; CPU isolation and shared-vram (their actions are
+# imported only for a VM that uses them); difflib (only a config error suggests a key).
+NOT_ON_SLOW_PATH = (
+    "logging.handlers", "socket", "pickle", "queue",
+    "click", "libvirt", "pyudev", "watchdog", "janus_hooks.cli", "janus_hooks.agent", "janus_hooks.vm",
+    "janus_hooks.install", "janus_hooks.check",
+    "janus_hooks.isolation", "janus_hooks.actions.cpu", "janus_hooks.actions.shared", "difflib",
+)
 
 CHILD = """
 import io, json, sys
@@ -42,7 +49,7 @@ print(json.dumps({{"codes": codes, "modules": sorted(sys.modules)}}))
 """
 
 
-def test_prepare_and_release_do_not_import_logging_handlers(tmp_path):
+def test_prepare_and_release_import_only_what_they_use(tmp_path):
     root = hosts.single_nvidia(tmp_path / "host")
     child = CHILD.format(repo=str(REPO), root=str(root))
     out = subprocess.run([sys.executable, "-I", "-S", "-c", child], capture_output=True, text=True, timeout=60,
@@ -55,6 +62,32 @@ def test_prepare_and_release_do_not_import_logging_handlers(tmp_path):
     assert "VM win11: prepared" in log and "VM win11: released" in log
     assert "janus_hooks.plan" in result["modules"]  # it was the slow path
     assert [m for m in NOT_ON_SLOW_PATH if m in result["modules"]] == []
+
+
+def test_each_action_kind_is_found_in_the_module_the_kind_table_names():
+    from janus_hooks.actions import action_kinds
+    from janus_hooks.actions.base import KIND_MODULES
+
+    assert {kind: cls.__module__ for kind, cls in action_kinds().items()} == {
+        kind: f"janus_hooks.actions.{module}" for kind, module in KIND_MODULES.items()}
+
+
+KIND_CHILD = """
+import json, sys
+sys.path.insert(0, {repo!r})
+from janus_hooks.actions import action_from_json
+before = [m for m in sys.modules if m.startswith("janus_hooks.actions.")]
+action = action_from_json({{"kind": "set-governor", "vm": "win11", "cores": [2, 3], "governor": "performance"}})
+print(json.dumps({{"before": sorted(before), "class": type(action).__module__ + "." + type(action).__name__}}))
+"""
+
+
+def test_a_journal_record_loads_the_module_of_its_kind():
+    out = subprocess.run([sys.executable, "-I", "-S", "-c", KIND_CHILD.format(repo=str(REPO))],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result == {"before": ["janus_hooks.actions.base"], "class": "janus_hooks.actions.cpu.SetGovernor"}
 
 
 def _record(text: str) -> logging.LogRecord:
