@@ -18,7 +18,15 @@ from janus_hooks.domain import MODES, DomainSpec, HostDev
 from janus_hooks.errors import JanusError, UnsafeStateError
 from janus_hooks.gpu import quirks
 from janus_hooks.host import Host, PciDevice, Runner, Services
-from janus_hooks.install import Identity, Manifest, file_state, find_conflicts, hook_path, render_shim
+from janus_hooks.install import (
+    Identity,
+    InstallError,
+    Manifest,
+    file_state,
+    find_conflicts,
+    hook_path,
+    render_shim,
+)
 from janus_hooks.journal import JournalStore
 from janus_hooks.plan import make_plan
 from janus_hooks.resources import data_file
@@ -226,10 +234,16 @@ def libvirt_check(host: Host, probe: Probe) -> Check:
 
 def hook_checks(host: Host) -> list[Check]:
     path = hook_path(host)
-    manifest = Manifest.load(host)
     state = file_state(path)
     if state[0] == "missing":
         return [Check("hook", FAIL, f"{path} is not installed: run 'janus-hooks install'")]
+    try:
+        manifest = Manifest.load(host)
+    except InstallError as err:
+        if not isinstance(err.__cause__, PermissionError):
+            raise
+        host.denied.append(Manifest.path(host))
+        return [Check("hook", OK, f"{path} installed (whether it is current: run as root)")]
     entry = manifest.entries.get(str(path.relative_to(host.root))) if manifest else None
     if entry is None:
         return [Check("hook", WARN, f"{path} exists but is not listed in {Manifest.path(host)}: "
@@ -352,7 +366,7 @@ def run_check(host: Host, probe: Probe, read_config: Callable[[], Config] | None
     except JanusError as err:
         config, config_error = Config(), str(err)
     report = Report(host_checks(host, probe, config_error))
-    store = JournalStore(host.state_dir())
+    store = JournalStore(host.state_dir(), listdir=host.list_dir)
     report.checks += cpu_checks(host, config, store.cpu_claims(host.boot_id()))
     snap = HostSnapshot.read(host, claims=store.claims(), units_of_interest=config.stop_units)
     report.gpus = [gpu_verdict(snap, config, g) for g in gpus(snap)]

@@ -75,9 +75,12 @@ class JournalState:
 class JournalStore:
     """The journal directory below the state dir (0700, root-owned, refused otherwise)."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, listdir: Callable[[Path], list[str]] = os.listdir) -> None:
+        """``listdir``: ``Host.list_dir`` for commands that say when, not being root, they could not see the
+        journals."""
         self.state_dir = state_dir
         self.dir = state_dir / "journal"
+        self._listdir = listdir
 
     def prepare(self) -> None:
         ensure_private_dir(self.state_dir)
@@ -91,7 +94,7 @@ class JournalStore:
 
     def vms(self) -> list[str]:
         try:
-            names = os.listdir(self.dir)
+            names = self._listdir(self.dir)
         except OSError:
             return []
         vms = []

@@ -51,7 +51,7 @@ class Janus:
         runner = runner or SubprocessRunner()
         services = services or SystemdServices(runner)
         ctx = Context(host=host, config=config, services=services, runner=runner)
-        return cls(host, config, ctx, JournalStore(host.state_dir()), observer)
+        return cls(host, config, ctx, JournalStore(host.state_dir(), listdir=host.list_dir), observer)
 
     def mode_of(self, spec: DomainSpec) -> tuple[str | None, tuple[str, ...]]:
         """The VM's janus mode (XML metadata first, then its TOML profile) and its extra units."""

@@ -73,10 +73,11 @@ class FakeHost:
         self.services = FakeServices(root)
         self.runner = FakeRunner(root)
 
-    def janus(self, root: str | None = None, observer=None, restoring: bool = False) -> Janus:
-        """The hook's ``open_janus(root, restoring=...)``: ``root`` is always this fake host's own."""
+    def janus(self, root: str | None = None, observer=None, restoring: bool = False, host: Host | None = None) -> Janus:
+        """The hook's ``open_janus(root, restoring=...)``: ``root`` is always this fake host's own; ``host``:
+        a Host on it that the caller made (the CLI's)."""
         kwargs = {"observer": observer} if observer else {}
-        return Janus.open(Host(self.root, self.kernel), services=self.services, runner=self.runner,
+        return Janus.open(host or Host(self.root, self.kernel), services=self.services, runner=self.runner,
                           restoring=restoring, **kwargs)
 
     def config(self, text: str) -> None:

@@ -169,6 +169,17 @@ def internal_error(err: BaseException, root: Path) -> str:
     return line if len(line) <= MAX_LINE else line[: MAX_LINE - 3] + "..."
 
 
+# Exit status of check, devices and plan when their answer misses what only root can read (docs/cli-json.md).
+INCOMPLETE = 3
+
+
+def incomplete(host: Host) -> str | None:
+    """The line that says an answer misses what only root can read (other users' descriptors, the
+    journals), or None when the host could read everything it looked at."""
+    what = host.unreadable()
+    return f"incomplete: run as root (could not read {what})" if what else None
+
+
 def root_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         "--root", type=click.Path(exists=True, file_okay=False, path_type=Path), default="/", show_default=True,

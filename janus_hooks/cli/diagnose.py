@@ -9,7 +9,17 @@ from typing import Any
 import click
 
 from janus_hooks import check as checks
-from janus_hooks.cli.common import Env, Failure, connect_option, domain_xml, emit_json, json_option, root_option
+from janus_hooks.cli.common import (
+    INCOMPLETE,
+    Env,
+    Failure,
+    connect_option,
+    domain_xml,
+    emit_json,
+    incomplete,
+    json_option,
+    root_option,
+)
 from janus_hooks.domain import parse_domain
 from janus_hooks.journal import JournalStore
 from janus_hooks.reserve import reservations
@@ -28,14 +38,16 @@ def check(env: Env, root: Path, as_json: bool) -> None:
     Checks CPU virtualization, IOMMU, kvm and vfio, hugepages, hugetlbfs,
     libvirt, the installed hook and the agent, then gives each GPU a verdict:
     ready for passthrough (a second GPU), for single-GPU (the one driving
-    the desktop), or why not. Exit status 0 when the host is ready.
+    the desktop), or why not. Exit status 0 when the host is ready, 3 when it
+    looks ready but not everything could be read (run as root).
     """
     host = env.host(root)
     probe = checks.Probe(env.runner, env.service_control(), env.is_live(root))
     report = checks.run_check(host, probe)
     reserved = reservations(host)
+    gap = incomplete(host)
     if as_json:
-        data = report.to_json()
+        data = {**report.to_json(), "incomplete": gap}
         for gpu in data["gpus"]:
             gpu["reserved"] = gpu["slot"] in reserved
         emit_json(data)
@@ -62,8 +74,12 @@ def check(env: Env, root: Path, as_json: bool) -> None:
         else:
             reasons = f"{fails} failed check(s)" if fails else "no GPU is ready"
             click.echo(f"The host is not ready: {reasons}.")
+        if gap:
+            click.echo(gap)
     if not report.ready:
         sys.exit(1)
+    if gap:
+        sys.exit(INCOMPLETE)
 
 
 @click.command(short_help="GPUs, their IOMMU groups, drivers and users.")
@@ -76,19 +92,28 @@ def devices(env: Env, root: Path, as_json: bool) -> None:
     For each GPU: every function of the card, every member of its IOMMU
     group (a group must go to a VM whole; bridges excepted), the driver each
     is bound to, processes using the GPU, and the VM whose journal holds it.
+    Exit status 3 when not everything could be read (run as root).
     """
     host = env.host(root)
-    snap = HostSnapshot.read(host, claims=JournalStore(host.state_dir()).claims())
+    snap = HostSnapshot.read(host, claims=JournalStore(host.state_dir(), listdir=host.list_dir).claims())
     found = checks.inventory(snap)
     reserved = reservations(host)
     for gpu in found:
         gpu["reserved"] = gpu["slot"] in reserved
+    gap = incomplete(host)
     if as_json:
-        emit_json({"gpus": found})
-        return
-    if not found:
+        emit_json({"gpus": found, "incomplete": gap})
+    elif not found:
         click.echo("No GPU (display-class PCI device) found.")
-        return
+    else:
+        _show_devices(found)
+    if gap:
+        if not as_json:
+            click.echo(gap)
+        sys.exit(INCOMPLETE)
+
+
+def _show_devices(found: list[dict[str, Any]]) -> None:
     for gpu in found:
         extras = ", ".join(x for x in ("boot VGA" if gpu["boot_vga"] else "",
                                        f"reset: {gpu['reset_method'] or 'none'}",
@@ -127,16 +152,22 @@ def plan(env: Env, vm: str, root: Path, xml_file: Any, uri: str, as_json: bool) 
 
     A dry run of the hook's 'prepare begin' against the host as it is now,
     from libvirt's definition of VM (or --xml FILE). Exit status 1 when the
-    start would be refused.
+    start would be refused, 3 when not everything could be read (run as root).
     """
     xml = xml_file.read() if xml_file else domain_xml(env, vm, uri)
     spec = parse_domain(xml)
     if spec.name != vm:
         raise Failure(f"the domain XML defines VM {spec.name!r}, not {vm!r}")
-    result = env.make_janus(env.host(root)).plan(spec)
+    host = env.host(root)
+    result = env.make_janus(host).plan(spec)
+    gap = incomplete(host)
     if as_json:
-        emit_json(result.to_json())
+        emit_json({**result.to_json(), "incomplete": gap})
     else:
         click.echo(result.render())
+        if gap:
+            click.echo(gap)
     if result.refusal:
         sys.exit(1)
+    if gap:
+        sys.exit(INCOMPLETE)

@@ -7,7 +7,7 @@ writes are not done here but through ``Host.kernel``.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from janus_hooks import layout
@@ -64,9 +64,32 @@ def _int(text: str, default: int = 0) -> int:
 class Host:
     """The host as seen below ``root``; ``kernel`` is where every change goes."""
 
-    def __init__(self, root: str | os.PathLike[str] = "/", kernel: Kernel | None = None) -> None:
+    def __init__(self, root: str | os.PathLike[str] = "/", kernel: Kernel | None = None,
+                 listdir: Callable[[Path], list[str]] = os.listdir) -> None:
         self.root = Path(root)
         self.kernel: Kernel = kernel or RealKernel()
+        self._listdir = listdir
+        # What could not be read for lack of permission (not root): the answer built from it is incomplete.
+        self.denied: list[Path] = []
+
+    def list_dir(self, path: Path) -> list[str]:
+        """The names in a directory; a PermissionError is remembered in ``denied`` before it is raised."""
+        try:
+            return self._listdir(path)
+        except PermissionError:
+            self.denied.append(path)
+            raise
+
+    def unreadable(self) -> str | None:
+        """What ``denied`` holds, in a few words (None: everything was readable)."""
+        if not self.denied:
+            return None
+        proc = self.path("proc")
+        fd_dirs = {p for p in self.denied if p.name == "fd" and p.parent.parent == proc}
+        others = sorted({str(p) for p in self.denied if p not in fd_dirs})
+        parts = [f"the open files of {len(fd_dirs)} process(es)"] if fd_dirs else []
+        parts += others[:3] + ([f"{len(others) - 3} more"] if len(others) > 3 else [])
+        return ", ".join(parts)
 
     def path(self, *parts: str) -> Path:
         """A path below the root; ``parts`` are relative (``"sys", "bus", "pci"``)."""
@@ -328,8 +351,8 @@ class Host:
                 continue
             fd_dir = self.path("proc", str(pid), "fd")
             try:
-                fds = os.listdir(fd_dir)
-            except OSError:
+                fds = self.list_dir(fd_dir)
+            except OSError:  # gone meanwhile, or another user's (remembered: the answer is incomplete)
                 continue
             found: dict[str, list[int]] = {}
             for fd in fds:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,6 +86,8 @@ class Cli:
     answers: dict[str, tuple[int, str]] = field(default_factory=dict)
     conn: FakeConn | None = None
     signals: list[tuple[int, int]] = field(default_factory=list)
+    # How the host lists directories: a test plays a user who may not read some (PermissionError).
+    listdir: Callable[[Path], list[str]] = os.listdir
 
     def __post_init__(self) -> None:
         self.runner = CliFakeRunner(self.fake.root, self.answers)
@@ -105,8 +107,8 @@ class Cli:
             runner=self.runner,
             services=self.fake.services,
             kill=lambda pid, sig: self.signals.append((pid, sig)),
-            make_host=lambda root: Host(root, self.fake.kernel),
-            make_janus=lambda host, restoring=False: self.fake.janus(restoring=restoring),
+            make_host=lambda root: Host(root, self.fake.kernel, listdir=self.listdir),
+            make_janus=lambda host, restoring=False: self.fake.janus(restoring=restoring, host=host),
             connect=connect,
             live=self.live,
             interactive=lambda: self.interactive,
