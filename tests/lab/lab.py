@@ -147,9 +147,11 @@ def qemu_argv(
     verbose: bool,
     flavour: str = "runit",
     smp: int = 2,
+    state: Path | None = None,
+    gpu_driver_by_udev: bool = False,
 ) -> list[str]:
     """QEMU command line: q35 with an emulated IOMMU, ``smp`` CPUs, the bochs VGA at 00:02.0 and three 9p
-    shares."""
+    shares (four with ``state``: kept between boots)."""
     append = [
         "console=ttyS0",
         "intel_iommu=on",
@@ -165,6 +167,8 @@ def qemu_argv(
         append += [f"systemd.unit={DESKTOP_TARGET}", "lab.flavour=desktop"]
         if not verbose:
             append += ["systemd.show_status=error", "udev.log_level=err"]
+        if gpu_driver_by_udev:
+            append += ["lab.gpu_driver=udev"]
     options = [
         ("-M", "q35,kernel-irqchip=split"),
         ("-accel", "tcg"),  # KVM is not usable on our machines
@@ -188,6 +192,10 @@ def qemu_argv(
         ("-device", "virtio-9p-pci,fsdev=cache,mount_tag=cache,addr=05.0"),
     ]
     options += DESKTOP_GPUS if flavour == "desktop" else RUNIT_GPU
+    if state is not None:
+        # Writable and kept between boots of one scenario: what a host keeps on its disk (/etc).
+        options += [("-fsdev", f"local,id=state,path={state},security_model=none,multidevs=remap"),
+                    ("-device", "virtio-9p-pci,fsdev=state,mount_tag=state,addr=08.0")]
     return ["qemu-system-x86_64", "-nographic", "-no-reboot"] + [word for pair in options for word in pair]
 
 
@@ -209,6 +217,9 @@ def run_in_lab(
     fresh: Sequence[str] = FRESH_DEFAULT,
     flavour: str = "runit",
     smp: int = 2,
+    state: Path | str | None = None,
+    persistent: Sequence[str] = (),
+    gpu_driver_by_udev: bool = False,
 ) -> LabResult:
     """Boot the lab, run ``argv`` in it and return its exit status, output and results directory.
 
@@ -216,6 +227,10 @@ def run_in_lab(
     as it arrives. ``fresh`` lists absolute paths that start as empty directories (tmpfs) in the lab.
     ``flavour`` "desktop" boots systemd with a graphical session and starts the command once the desktop
     is up (tests/lab/README.md). ``smp``: the lab's CPUs (each is a thread of the machine's QEMU under TCG).
+    ``state``: a directory of this machine kept between boots; each absolute path in ``persistent`` is
+    ``state/<path>`` in the lab (empty the first time), so what one boot writes there the next one sees.
+    ``gpu_driver_by_udev`` (desktop): /init does not load the GPU driver; the desktop's udevd loads it at
+    coldplug, after the rules in /etc/udev/rules.d, as on a host whose initramfs has no GPU driver.
     A timeout gives status 124, a lab that failed to boot (or whose desktop
     did not come up) 125; ``message`` says which.
     """
@@ -223,6 +238,10 @@ def run_in_lab(
         raise ValueError("run_in_lab needs a command")
     if flavour not in FLAVOURS:
         raise ValueError(f"unknown lab flavour {flavour!r} (one of {', '.join(FLAVOURS)})")
+    if gpu_driver_by_udev and flavour != "desktop":
+        raise ValueError("gpu_driver_by_udev needs the desktop flavour (the runit flavour has no udevd)")
+    if persistent and state is None:
+        raise ValueError("persistent paths need a state directory")
     if mem is None:
         mem = default_mem(flavour)
     started = time.monotonic()
@@ -250,6 +269,14 @@ def run_in_lab(
         if not path.startswith("/") or "\n" in path:
             raise ValueError(f"fresh paths must be absolute: {path!r}")
     (meta / "fresh").write_text("".join(f"{p}\n" for p in fresh))
+    for path in persistent:
+        if not path.startswith("/") or "\n" in path or ".." in path.split("/"):
+            raise ValueError(f"persistent paths must be absolute: {path!r}")
+    (meta / "persistent").write_text("".join(f"{p}\n" for p in persistent))
+    state_dir = Path(state).resolve() if state is not None else None
+    if state_dir is not None:
+        for path in persistent:
+            (state_dir / path.lstrip("/")).mkdir(parents=True, exist_ok=True)
     (meta / "flavour").write_text(f"{flavour}\n")
     # /init runs it in the new root before handing over to systemd: its own path, since the repository
     # may live anywhere (tests/lab/desktop-setup writes the units that run the command from there).
@@ -265,7 +292,7 @@ def run_in_lab(
     boot_at: list[float] = []
     log = (out / "console.log").open("w", encoding="utf-8")
     proc = subprocess.Popen(
-        qemu_argv(lab, out, mem, inner, verbose, flavour, smp),
+        qemu_argv(lab, out, mem, inner, verbose, flavour, smp, state_dir, gpu_driver_by_udev),
         stdin=subprocess.DEVNULL,  # QEMU would put a terminal on stdin into raw mode
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -341,7 +368,7 @@ def main(args: Sequence[str] | None = None) -> int:
         prog="tests/lab/run",
         description="Run COMMAND as root inside the real-kernel lab and exit with its status.",
         usage="%(prog)s [--flavour runit|desktop] [--timeout SECONDS] [--mem MiB] [--out DIR] [--env KEY=VALUE]... "
-        "[--fresh PATH]... "
+        "[--fresh PATH]... [--state DIR [--persistent PATH]...] [--gpu-driver-by-udev] "
         "-- COMMAND [ARGS...]",
     )
     parser.add_argument("--timeout", type=float, default=300, help="bound on the whole run (default 300 s)")
@@ -361,6 +388,11 @@ def main(args: Sequence[str] | None = None) -> int:
         metavar="PATH",
         help=f"start PATH as an empty tmpfs in the lab (repeatable; default: {' '.join(FRESH_DEFAULT)})",
     )
+    parser.add_argument("--state", help="directory of this machine kept between boots (with --persistent)")
+    parser.add_argument("--persistent", action="append", default=[], metavar="PATH",
+                        help="PATH in the lab is STATE/PATH, kept between boots (repeatable)")
+    parser.add_argument("--gpu-driver-by-udev", action="store_true",
+                        help="desktop: the GPU driver is loaded by udevd at coldplug, not by /init")
     parser.add_argument("--verbose", action="store_true", help="full kernel log on the console")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     opts = parser.parse_args(args)
@@ -386,8 +418,11 @@ def main(args: Sequence[str] | None = None) -> int:
             fresh=FRESH_DEFAULT if opts.fresh is None else opts.fresh,
             flavour=opts.flavour,
             smp=opts.smp,
+            state=opts.state,
+            persistent=opts.persistent,
+            gpu_driver_by_udev=opts.gpu_driver_by_udev,
         )
-    except (LabError, subprocess.TimeoutExpired, OSError) as err:
+    except (LabError, subprocess.TimeoutExpired, OSError, ValueError) as err:
         print(f"lab: cannot run the lab: {err}", file=sys.stderr)
         return RC_LAB_FAILED
     boot = f"{result.boot_seconds:.1f} s" if result.boot_seconds is not None else "n/a"
