@@ -20,7 +20,7 @@ from pathlib import Path
 from janus_hooks.check import describe_device, group_strangers, slot_functions
 from janus_hooks.errors import JanusError
 from janus_hooks.files import atomic_write, fsync_dir
-from janus_hooks.host import Host
+from janus_hooks.host import Host, resolve_beneath
 from janus_hooks.snapshot import HostSnapshot
 
 RULES_NAME = "40-janus-hooks-reserve.rules"  # before 80-drivers.rules, which loads host drivers
@@ -54,12 +54,13 @@ def rules_path(host: Host) -> Path:
     return host.udev_rules_dir() / RULES_NAME
 
 
+# Root writes these (and the initramfs runs the hook at boot): resolved beneath the root like install's paths.
 def modprobe_path(host: Host) -> Path:
-    return host.path("etc/modprobe.d", MODPROBE_NAME)
+    return resolve_beneath(host.root, "etc/modprobe.d") / MODPROBE_NAME
 
 
 def initramfs_hook_path(host: Host) -> Path:
-    return host.path("etc/initramfs-tools/hooks", INITRAMFS_HOOK_NAME)
+    return resolve_beneath(host.root, "etc/initramfs-tools/hooks") / INITRAMFS_HOOK_NAME
 
 
 def reservations(host: Host) -> dict[str, Reservation]:

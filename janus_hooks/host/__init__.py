@@ -14,6 +14,7 @@ from janus_hooks.host.model import (
     Session,
     VtConsole,
 )
+from janus_hooks.host.paths import resolve_beneath
 from janus_hooks.host.runner import Runner, SubprocessRunner
 from janus_hooks.host.services import Services, SystemdServices
 from janus_hooks.host.storage import BackingDevice
@@ -35,4 +36,5 @@ __all__ = [
     "SubprocessRunner",
     "SystemdServices",
     "VtConsole",
+    "resolve_beneath",
 ]

@@ -14,7 +14,7 @@ from janus_hooks.errors import UnsafeStateError
 from janus_hooks.host.paths import resolve_beneath
 from tests.cli.conftest import tree_diff, tree_state
 from tests.conftest import domain_xml
-from tests.fake import desktops
+from tests.fake import desktops, hosts
 from tests.hostile import tally
 
 XML = domain_xml(hostdevs=desktops.NVIDIA_CARD)
@@ -147,3 +147,21 @@ def test_check_reports_a_hook_dir_out_of_the_root_and_still_answers(make_cli, ou
             f"which leads outside {c.root}; refusing to follow it\n") in result.output
     assert "GPUs:\n  0000:01:00.0" in result.output
     tally.record("inputs tried")
+
+
+@pytest.mark.parametrize("link", ["etc/modprobe.d", "etc/initramfs-tools/hooks"])
+def test_reserve_refuses_a_boot_path_that_leads_out_of_the_root(make_cli, outside, link):
+    """reserve writes a modprobe softdep and an initramfs hook that root runs at every boot."""
+    c = make_cli(hosts.amd_dgpu_with_igpu)
+    (c.root / "etc/initramfs-tools").mkdir(parents=True, exist_ok=True)
+    _link(c.root, link, str(outside))
+    before, before_outside = tree_state(c.root), tree_state(outside)
+    result = c("reserve", "0000:03:00", "--yes")
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1] == (
+        f"janus-hooks: {c.root / link}: {c.root / link} is a symbolic link to {outside}, which leads outside "
+        f"{c.root}; refusing to follow it")
+    assert tree_diff(before, tree_state(c.root)) == []
+    assert tree_diff(before_outside, tree_state(outside)) == []
+    tally.record("inputs tried")
+    tally.record("host states checked")
