@@ -363,9 +363,13 @@ def _free_gpu(b: _Builder, gpus: list[PciDevice], addresses: tuple[str, ...], no
         b.refuse(_held(b, hold, addresses, gpus))
     if b.snap.systemd:
         dm = (b.config.display_manager or b.snap.display_manager) if single else None
+        # The user units first: a release reverts in reverse, so they start again only once the display
+        # manager is back with a session. Started before it, an application with the card open becomes
+        # the card's DRM master and the compositor cannot take it (seen in the desktop lab), and PipeWire
+        # finds no audio node the user may open yet.
+        b.actions += [StopUserUnit(uid, unit) for uid, unit in user_units]
         b.actions += [StopUnit(u, seat="seat0" if u == dm else "") for u in units]
         b.actions += [EndSession(s, uid) for s, uid in sessions.items()]
-        b.actions += [StopUserUnit(uid, unit) for uid, unit in user_units]
     else:
         if units:
             b.notes.append(f"no running systemd: not stopping {', '.join(units)}")

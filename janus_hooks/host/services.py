@@ -24,6 +24,8 @@ class Services(Protocol):
 
     def can_graphical(self, seat: str) -> bool: ...
 
+    def seat_has_active_session(self, seat: str) -> bool: ...
+
     def user_is_active(self, uid: int, unit: str) -> bool: ...
 
     def stop_user(self, uid: int, unit: str, timeout: float) -> None: ...
@@ -68,6 +70,15 @@ class SystemdServices:
         """logind's CanGraphical for ``seat``: a card udev tagged for it is there (no seat: False)."""
         result = self._runner.run(["loginctl", "show-seat", seat, "--property=CanGraphical", "--value"], 5.0)
         return result.returncode == 0 and result.stdout.strip() == "yes"
+
+    def seat_has_active_session(self, seat: str) -> bool:
+        """A session (a user's or a greeter's) is active on ``seat``: not one that is still closing."""
+        result = self._runner.run(["loginctl", "show-seat", seat, "--property=ActiveSession", "--value"], 5.0)
+        session = result.stdout.strip() if result.returncode == 0 else ""
+        if not session:
+            return False
+        state = self._runner.run(["loginctl", "show-session", session, "--property=State", "--value"], 5.0)
+        return state.returncode == 0 and state.stdout.strip() == "active"
 
     def user_is_active(self, uid: int, unit: str) -> bool:
         return self._runner.run([*self._user(uid), "is-active", "--quiet", unit], 15.0).returncode == 0

@@ -23,7 +23,7 @@ def test_logind_and_pid1_copies_go_with_the_session_the_plan_ends(fake):
     plan = h.janus().plan(parse_domain(XML))
     assert plan.refusal is None
     assert [a.describe() for a in plan.actions][:4] == [
-        "stop greetd.service", "end graphical session 1 of uid 1000", "stop user unit wireplumber.service of uid 1000",
+        "stop user unit wireplumber.service of uid 1000", "stop greetd.service", "end graphical session 1 of uid 1000",
         "wait until no process holds /dev/dri/card0, /dev/dri/renderD128, /dev/snd/controlC0, /dev/snd/hwC0D0, "
         "/dev/snd/pcmC0D0p"]
     before = h.snapshot()
@@ -32,6 +32,43 @@ def test_logind_and_pid1_copies_go_with_the_session_the_plan_ends(fake):
     # The session ended with greetd: weston, logind's and PID 1's descriptors are gone.
     assert h.janus().host.gpu_holders() == []
     assert h.hook("win11", "release", "end", XML) == (0, "")
+    assert_same_tree(before, h.snapshot())
+
+
+def _session_outlives_its_display_manager(root):
+    """logind still lists the session a moment after greetd stopped: janus-hooks goes on to end it."""
+    hosts.systemd_desktop(root)
+    world = load_world(root)
+    world["sessions_end_late"] = True
+    save_world(root, world)
+    return root
+
+
+def test_session_that_ends_with_its_display_manager_before_it_is_terminated_is_not_a_failure(fake):
+    h = fake(_session_outlives_its_display_manager)
+
+    def gone_meanwhile(call, target):
+        # logind forgets the session (its display manager stopped) just before janus-hooks ends it.
+        if call == "terminate-session":
+            h.services._end_session(target)
+            return True
+        return False
+
+    h.services._fault = gone_meanwhile
+    before = h.snapshot()
+    assert h.hook("win11", "prepare", "begin", XML) == (0, "")
+    assert ("terminate-session", "1") in h.services.calls
+    assert h.driver(hosts.DESKTOP_GPU) == "vfio-pci"
+    assert h.hook("win11", "release", "end", XML) == (0, "")
+    assert_same_tree(before, h.snapshot())
+
+
+def test_session_that_does_not_end_still_fails_the_start(fake):
+    h = fake(_session_outlives_its_display_manager)
+    h.services._fault = lambda call, target: call == "terminate-session"
+    before = h.snapshot()
+    code, err = h.hook("win11", "prepare", "begin", XML)
+    assert code == 1 and "end graphical session 1 of uid 1000" in err, err
     assert_same_tree(before, h.snapshot())
 
 

@@ -115,8 +115,9 @@ def test_user_unit_of_a_user_without_graphical_session_is_refused_with_the_user_
     assert h.hook("win11", "prepare", "begin", XML) == (0, "")
     assert h.hook("win11", "release", "end", XML) == (0, "")
     assert [c for c in h.services.calls if c[0] != "can-graphical"] == [
-        ("stop", "greetd.service"), ("stop-user", "1000:wireplumber.service"),
-        ("start-user", "1000:wireplumber.service"), ("start", "greetd.service")]
+        ("stop-user", "1000:wireplumber.service"), ("stop", "greetd.service"),
+        # Back in reverse: the display manager and a session on the seat before the user's units.
+        ("start", "greetd.service"), ("active-session", "seat0"), ("start-user", "1000:wireplumber.service")]
 
 
 def _sunshine(root):

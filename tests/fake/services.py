@@ -63,7 +63,8 @@ class FakeServices:
         for proc in spec.get("processes", []):
             kill_process(self.root, proc["pid"])
         write(self._state(unit), "inactive\n")
-        for sid in self._sessions_of(unit):
+        # ``sessions_end_late``: logind still lists them when the stop returns (they end when terminated).
+        for sid in [] if load_world(self.root).get("sessions_end_late") else self._sessions_of(unit):
             self._end_session(sid)
         if unit.startswith("user@"):
             # A user manager takes its units with it.
@@ -80,7 +81,8 @@ class FakeServices:
             spawn_process(self.root, proc)
         write(self._state(unit), "active\n")
         for sid in self._sessions_of(unit):
-            self._begin_session(sid)
+            if not (self.root / "run/systemd/sessions" / sid).exists():  # one that never ended stays as it is
+                self._begin_session(sid)
         if unit.startswith("user@"):
             # Its default units come up with it (PipeWire, WirePlumber, the compositor's helpers).
             uid = int(unit[len("user@"):-len(".service")])
@@ -88,7 +90,7 @@ class FakeServices:
                 self._set_user(uid, name, True)
 
     def terminate_session(self, session_id: str, timeout: float) -> None:
-        self.calls.append(("terminate-session", session_id))
+        self._call("terminate-session", session_id)
         self._end_session(session_id)
 
     def can_graphical(self, seat: str) -> bool:
@@ -111,6 +113,16 @@ class FakeServices:
             write(lag, f"{left - 1}\n")
             return False
         return True
+
+    def seat_has_active_session(self, seat: str) -> bool:
+        """An autologin session of the world is back, or the display manager runs its greeter (a session
+        of its own on a real seat, which the fake's worlds do not describe)."""
+        self.calls.append(("active-session", seat))
+        sessions = self.root / "run/systemd/sessions"
+        if sessions.is_dir() and any("ACTIVE=1" in f.read_text() for f in sessions.iterdir()):
+            return True
+        dm = self.root / "etc/systemd/system/display-manager.service"
+        return dm.is_symlink() and self.is_active(os.path.basename(os.readlink(dm)))
 
     # --- users' systemd instances ---------------------------------------------------------------------
     def user_manager_running(self, uid: int) -> bool:

@@ -521,17 +521,25 @@ def scenario_bench(runs: int) -> dict:
     return {"times": times, "failures": failures, "janus_steps": janus_steps, **costs}
 
 
+DEBUG_NOISE = ("Got message type=", "Sent message type=", "varlink", "/run/systemd/userdb/", "Match type=")
+
+
 def diagnostics() -> dict:
     """What a person needs to see why a scenario failed: the desktop's units, logind, the hook's log."""
     out = {"state": host_state()}
     for key, argv in (
         ("session", ["bash", str(scenario.REPO / "tests/lab/desktop-session"), "status"]),
         ("units", ["systemctl", "--no-pager", "list-units", "--state=failed,activating,deactivating"]),
-        ("journal", ["journalctl", "--no-pager", "-b", "-n", "80", "-u", "greetd.service",
+        ("dri", ["ls", "-l", "/dev/dri", "/sys/class/drm"]),
+        ("card_udev", ["udevadm", "info", "--query=all", "--name=/dev/dri/card0"]),
+        ("seat", ["loginctl", "seat-status", "seat0", "--no-pager", "--full"]),
+        ("journal", ["journalctl", "--no-pager", "-b", "-n", "3000", "-u", "greetd.service",
                      "-u", "systemd-logind.service", "-u", "user@1500.service"]),
     ):
         proc = run(argv, check=False, timeout=60)
-        out[key] = (proc.stdout + proc.stderr).splitlines()[-80:]
+        # logind logs at debug level in the lab (tests/lab/desktop-setup); its D-Bus traffic is left out.
+        out[key] = [line for line in (proc.stdout + proc.stderr).splitlines()
+                    if not any(noise in line for noise in DEBUG_NOISE)][-80:]
     log = Path("/var/log/janus-hooks/hook.log")
     out["hook_log"] = log.read_text().splitlines()[-60:] if log.exists() else []
     weston = Path("/var/log/janus-lab/weston.log")
@@ -555,6 +563,10 @@ def guarded(results: dict, name: str, scenario_fn, *args) -> None:
 def save(name: str, data: dict) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"desktop-{name}.json").write_text(json.dumps(data, indent=1, sort_keys=True))
+    # The whole story of logind (at debug level), greetd and udev, for what the diagnostics leave out.
+    (OUT / "journal.txt").write_text(run(["journalctl", "--no-pager", "-b", "-o", "short-precise",
+                                          "-u", "systemd-logind.service", "-u", "greetd.service",
+                                          "-u", "systemd-udevd.service"], check=False, timeout=60).stdout)
     log = Path("/var/log/janus-hooks/hook.log")
     if log.exists():
         (OUT / "hook.log").write_text(log.read_text())

@@ -123,13 +123,6 @@ def test_start_refused_while_a_process_outside_the_session_holds_a_node(desktop,
 
 def test_kill_9_mid_switch_then_rollback_brings_the_desktop_back(desktop):
     crash = _ok(desktop, "crash")
-    session = ((crash.get("diagnostics") or {}).get("state") or {}).get("session")
-    greeter = any("Name=_greetd" in line for line in (crash.get("diagnostics") or {}).get("session", []))
-    if "failed" in crash and session is None and greeter:
-        # Issue 9: on the way back the display manager is started before udev has given the card back to
-        # seat0 (logind's CanGraphical alone is already true here: the second GPU is a master of seat0);
-        # weston finds no card and greetd falls back to its greeter.
-        pytest.xfail("rollback started the display manager before the card was back on seat0: greeter only")
     assert "failed" not in crash, f"{crash.get('failed')}\n{json.dumps(crash.get('diagnostics'), indent=1)}"
     assert_desktop(crash["after"])
     assert crash["hook_status"] == -9 and crash["killed_at"] == "bind-vfio"
