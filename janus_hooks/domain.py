@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import NamedTuple
 from xml.etree import ElementTree
 
 from janus_hooks.config import MODES
@@ -25,8 +26,11 @@ _UNIT_KIB = {
 }
 
 
-@dataclass(frozen=True)
-class HostDev:
+# HostDev, CpuPins and SharedDevice are NamedTuples, not dataclasses: every hook start defines them, and a
+# dataclass compiles its generated methods when its class is created (about five times the cost).
+class HostDev(NamedTuple):
+    """A PCI <hostdev> of the domain."""
+
     address: str  # 0000:01:00.0
     managed: bool
 
@@ -38,8 +42,7 @@ class HugepageRequest:
     per_node_kb: dict[int | None, int] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class CpuPins:
+class CpuPins(NamedTuple):
     """Where libvirt will run the VM's threads (``<vcpu cpuset>``, ``<cputune>``): host core numbers."""
 
     placement: str = "static"  # "auto": numad picks the cores at start, nothing is known before
@@ -60,8 +63,7 @@ class CpuPins:
         return ", ".join(parts)
 
 
-@dataclass(frozen=True)
-class SharedDevice:
+class SharedDevice(NamedTuple):
     """What a shared-vram VM needs made on its GPU: an mdev instance (``uuid`` of ``mdev_type``) or
     ``vfs`` SR-IOV virtual functions."""
 

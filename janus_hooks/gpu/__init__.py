@@ -7,13 +7,14 @@ the vendor's stack is known to use, and whether its module may be unloaded at al
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from janus_hooks.host.sysfs import dev_node
 
 
-@dataclass(frozen=True)
-class Backend:
+class Backend(NamedTuple):
+    """One vendor's driver family (a NamedTuple: defined by every hook process, cheaper than a dataclass)."""
+
     name: str
     drivers: tuple[str, ...]
     # Units that keep this vendor's GPUs busy without drawing anything (stopped in every mode).

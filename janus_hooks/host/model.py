@@ -1,15 +1,18 @@
-"""Plain, frozen snapshots of what the host looks like; read by ``Host``, never written."""
+"""Plain, frozen snapshots of what the host looks like; read by ``Host``, never written.
+
+NamedTuples, not dataclasses: every hook process defines these, and a dataclass compiles its generated
+methods when its class is created (about five times what a NamedTuple costs; see bench/README.md).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 PCI_CLASS_DISPLAY = 0x03
 PCI_CLASS_BRIDGE = 0x06
 
 
-@dataclass(frozen=True)
-class PciDevice:
+class PciDevice(NamedTuple):
     address: str
     vendor: str
     device: str
@@ -44,8 +47,7 @@ class PciDevice:
         return f"{self.address} [{self.vendor[2:]}:{self.device[2:]}] class {self.pci_class}"
 
 
-@dataclass(frozen=True)
-class VtConsole:
+class VtConsole(NamedTuple):
     name: str  # vtcon0
     description: str  # "(M) frame buffer device"
     bound: bool
@@ -55,23 +57,20 @@ class VtConsole:
         return "frame buffer" in self.description
 
 
-@dataclass(frozen=True)
-class Framebuffer:
+class Framebuffer(NamedTuple):
     """A boot framebuffer platform device (efi-framebuffer.0, simple-framebuffer.0, vesa-framebuffer.0)."""
 
     device: str
     driver: str | None  # efi-framebuffer (efifb), simple-framebuffer (simplefb), simpledrm, vesa-framebuffer
 
 
-@dataclass(frozen=True)
-class Module:
+class Module(NamedTuple):
     name: str
     refcnt: int
     holders: tuple[str, ...]
 
 
-@dataclass(frozen=True)
-class ProcessHold:
+class ProcessHold(NamedTuple):
     """A process with a GPU device node open."""
 
     pid: int
@@ -103,8 +102,7 @@ class ProcessHold:
         return f"pid {self.pid} ({self.command}) via {self.node}"
 
 
-@dataclass(frozen=True)
-class Session:
+class Session(NamedTuple):
     """A logind session, read from logind's own state files."""
 
     id: str
@@ -118,8 +116,7 @@ class Session:
         return self.type in ("x11", "wayland", "mir")
 
 
-@dataclass(frozen=True)
-class HugepagePool:
+class HugepagePool(NamedTuple):
     size_kb: int
     node: int | None  # None: the global pool
     total: int
