@@ -9,6 +9,7 @@ from typing import ClassVar, TypeVar
 
 from janus_hooks.errors import ConfigError
 from janus_hooks.files import check_trusted
+from janus_hooks.gpu.amdgpu import RESET_RISKS
 from janus_hooks.layout import vm_filename
 from janus_hooks.schema import (
     GOVERNOR,
@@ -131,9 +132,11 @@ class VmProfile:
     mode: str
     stop_units: tuple[str, ...] = ()
     isolate: bool | None = None  # None: janus.toml's cpu.isolate decides
+    reset_risk: str = "refuse"  # see gpu/amdgpu.py
 
     KEYS: ClassVar[Schema] = {"mode": pattern("|".join(MODES), "one of " + ", ".join(MODES)),
-                              "stop_units": list_of(UNIT, 64), "isolate": boolean}
+                              "stop_units": list_of(UNIT, 64), "isolate": boolean,
+                              "reset_risk": pattern("|".join(RESET_RISKS), "one of " + ", ".join(RESET_RISKS))}
 
 
 def config_path(config_dir: Path) -> Path:
@@ -217,7 +220,8 @@ def load_profile(config_dir: Path, vm: str) -> VmProfile | None:
         return None
     data = _load_toml(path)
     values = _section(path, _ProfileKeys, "", data, list(VmProfile.KEYS))
-    return VmProfile(mode=values.mode, stop_units=values.stop_units, isolate=values.isolate)
+    return VmProfile(mode=values.mode, stop_units=values.stop_units, isolate=values.isolate,
+                     reset_risk=values.reset_risk)
 
 
 @dataclass(frozen=True)
@@ -226,4 +230,5 @@ class _ProfileKeys:
     mode: str = "single-gpu"
     stop_units: tuple[str, ...] = ()
     isolate: bool | None = None
+    reset_risk: str = "refuse"
     KEYS: ClassVar[Schema] = VmProfile.KEYS

@@ -117,9 +117,10 @@ def xml_diff(before: str, after: str, name: str) -> str:
     return "".join(difflib.unified_diff(lines(before), lines(after), f"{name}.xml (now)", f"{name}.xml (new)"))
 
 
-def edit_profile_toml(current: str | None, mode: str, isolate: bool | None = None) -> str | None:
-    """A VM's TOML profile with ``mode`` (and ``isolate`` when given); None (remove the file) for mode "none".
-    Other keys are kept."""
+def edit_profile_toml(current: str | None, mode: str, isolate: bool | None = None,
+                      reset_risk: str | None = None) -> str | None:
+    """A VM's TOML profile with ``mode`` (and ``isolate``, ``reset_risk`` when given); None (remove the file)
+    for mode "none". Other keys are kept."""
     if mode == "none":
         return None
     try:
@@ -129,6 +130,8 @@ def edit_profile_toml(current: str | None, mode: str, isolate: bool | None = Non
     data["mode"] = mode
     if isolate is not None:
         data["isolate"] = isolate
+    if reset_risk is not None:
+        data["reset_risk"] = reset_risk
     return tomli_w.dumps(data)
 
 

@@ -26,6 +26,7 @@ from janus_hooks.config import Config
 from janus_hooks.cpuset import format_cpulist
 from janus_hooks.domain import DomainSpec
 from janus_hooks.errors import PlanRefused
+from janus_hooks.schema import quote
 from janus_hooks.snapshot import CpuState, HostSnapshot
 
 
@@ -41,7 +42,7 @@ def isolation_steps(spec: DomainSpec, config: Config, snap: HostSnapshot) -> tup
     cpu = snap.cpu
     if cpu is None:
         raise PlanRefused("CPU isolation was planned without reading the host's CPUs")
-    vm, own = repr(spec.name), spec.isolate is True
+    vm, own = quote(spec.name), spec.isolate is True
     why_not = _unsupported(spec, cpu)
     if why_not:
         if own:
@@ -87,11 +88,11 @@ def _vm_cores(spec: DomainSpec, cpu: CpuState, notes: list[str]) -> frozenset[in
     every = pins.vcpus | pins.emulator | pins.iothreads
     missing = every - cpu.present
     if missing:
-        raise PlanRefused(f"VM {spec.name!r} is pinned to cores {format_cpulist(missing)}, which this host does "
+        raise PlanRefused(f"VM {quote(spec.name)} is pinned to cores {format_cpulist(missing)}, which this host does "
                           f"not have (cores {format_cpulist(cpu.present)})")
     offline = every - cpu.online
     if offline:
-        raise PlanRefused(f"VM {spec.name!r} is pinned to cores {format_cpulist(offline)}, which are offline")
+        raise PlanRefused(f"VM {quote(spec.name)} is pinned to cores {format_cpulist(offline)}, which are offline")
     held = frozenset().union(*cpu.claims.values()) if cpu.claims else frozenset()
     if cpu.online - every - held:
         return every
@@ -101,14 +102,14 @@ def _vm_cores(spec: DomainSpec, cpu: CpuState, notes: list[str]) -> frozenset[in
                      "(isolating them too would leave the host no core)")
         return pins.vcpus
     others = f" and cores {format_cpulist(held)} held by other running VMs" if held else ""
-    raise PlanRefused(f"the pins of VM {spec.name!r} ({pins.describe()}){others} leave the host no core")
+    raise PlanRefused(f"the pins of VM {quote(spec.name)} ({pins.describe()}){others} leave the host no core")
 
 
 def _cgroup_steps(spec: DomainSpec, systemd: bool, cpu: CpuState, cores: tuple[int, ...]) -> list[Action]:
     if systemd:
         return [RestrictUnitCpus(spec.name, cores, unit) for unit in SYSTEMD_GROUPS]
     if "cpuset" not in cpu.root_controllers:
-        raise PlanRefused(f"CPU isolation of VM {spec.name!r} needs the cpuset controller for the top-level "
+        raise PlanRefused(f"CPU isolation of VM {quote(spec.name)} needs the cpuset controller for the top-level "
                           "cgroups: add +cpuset to the root cgroup's cgroup.subtree_control")
     groups = [g for g in cpu.cpuset_groups if g not in MACHINE_GROUPS]
     return [RestrictCgroupCpus(spec.name, cores, group) for group in groups]

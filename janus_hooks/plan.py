@@ -6,12 +6,14 @@ Order, and why:
    nobody holds its nodes any more;
 3. the text console: fbcon vtconsoles, then the boot framebuffer;
 4. the host driver: modules in holders order (or only an unbind when another device shares the driver);
-5. vfio modules, then every function of the GPU bound to vfio-pci;
+5. vfio modules, the reset method of a GPU that needs vendor-reset, then every function of the GPU bound to
+   vfio-pci (the device_specific reset stays in force until vfio-pci let go of the card on release);
 6. CPU isolation (``isolation.py``), once the GPU is the VM's: host work off the VM's pinned cores.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,13 +37,17 @@ from janus_hooks.config import Config
 from janus_hooks.domain import SHARED_VRAM, DomainSpec
 from janus_hooks.errors import PlanRefused
 from janus_hooks.gpu import backend_for, quirks
+from janus_hooks.gpu.amdgpu import DEVICE_SPECIFIC, VENDOR_RESET_MODULE, vendor_reset_family
 from janus_hooks.host import Module, PciDevice, ProcessHold
 from janus_hooks.host.sysfs import dev_node
+from janus_hooks.schema import MAX_TOKEN, quote
 from janus_hooks.snapshot import HostSnapshot
 
 # The IOMMU backend first: loading vfio-pci also loads it (a soft dependency on Debian's 6.1), and a step
 # that finds it already loaded would leave it behind on release.
 VFIO_MODULES = ("vfio_iommu_type1", "vfio_pci")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,8 @@ class Plan:
     actions: tuple[Action, ...] = ()
     notes: tuple[str, ...] = ()
     refusal: str | None = None
+    # More ways out than the one the refusal names; shown by `plan`, logged by the hook (libvirt gets one line).
+    refusal_detail: str = ""
 
     @property
     def managed(self) -> bool:
@@ -59,13 +67,16 @@ class Plan:
 
     def raise_if_refused(self) -> None:
         if self.refusal:
+            if self.refusal_detail:
+                log.error("VM %s: start refused: %s; %s", self.vm, self.refusal, self.refusal_detail)
             raise PlanRefused(self.refusal)
 
     def render(self) -> str:
         if not self.managed:
             return f"VM {self.vm!r} is not managed by janus-hooks: nothing changes when it starts."
         if self.refusal:
-            return f"VM {self.vm!r} ({self.mode}): the start would be refused: {self.refusal}"
+            detail = f"\n  also: {self.refusal_detail}" if self.refusal_detail else ""
+            return f"VM {self.vm!r} ({self.mode}): the start would be refused: {self.refusal}{detail}"
         lines = [f"VM {self.vm!r} ({self.mode}): {len(self.actions)} change(s) on prepare, undone on release"]
         lines += [f"  {i}. {a.describe()}" for i, a in enumerate(self.actions, 1)]
         lines += [f"  note: {n}" for n in self.notes]
@@ -78,13 +89,21 @@ class Plan:
             "managed": self.managed,
             "devices": list(self.devices),
             "refusal": self.refusal,
+            "refusal_detail": self.refusal_detail or None,
             "actions": [{"description": a.describe(), **a.to_json()} for a in self.actions],
             "notes": list(self.notes),
         }
 
 
 class _Refuse(Exception):
-    pass
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(reason)
+        self.detail = detail
+
+
+def _cut(text: str, limit: int = MAX_TOKEN) -> str:
+    """Host text (a mount source, a device path) in a refusal: at most ``limit`` characters."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass
@@ -97,13 +116,16 @@ class _Builder:
     actions: list[Action] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
-    def refuse(self, reason: str) -> None:
-        raise _Refuse(reason)
+    def refuse(self, reason: str, detail: str = "") -> None:
+        """Stop planning: ``reason`` is the one line libvirt shows (device, who, one remedy; at most ~200
+        characters so that the hook's line stays within 300 with a 64-character VM name), ``detail`` the rest."""
+        raise _Refuse(reason, detail)
 
 
 def make_plan(spec: DomainSpec, mode: str | None, config: Config, snap: HostSnapshot | None,
-              extra_units: tuple[str, ...] = ()) -> Plan:
-    """Plan the prepare of ``spec``; ``mode`` None means the VM is not managed (an empty plan, no snapshot)."""
+              extra_units: tuple[str, ...] = (), reset_risk: str = "refuse") -> Plan:
+    """Plan the prepare of ``spec``; ``mode`` None means the VM is not managed (an empty plan, no snapshot).
+    ``reset_risk``: the VM's profile says whether a single-GPU start may go on without vendor-reset."""
     addresses = tuple(sorted({d.address for d in spec.hostdevs}))
     if mode is None or snap is None:
         return Plan(spec.name, None, addresses)
@@ -112,6 +134,7 @@ def make_plan(spec: DomainSpec, mode: str | None, config: Config, snap: HostSnap
         return _shared_plan(b, addresses)
     try:
         gpus = _check_devices(b, addresses)
+        resets = _reset_methods(b, gpus, reset_risk)
         _hugepages(b)
         if gpus:
             unloading = _driver_modules(b, gpus, addresses)
@@ -120,7 +143,7 @@ def make_plan(spec: DomainSpec, mode: str | None, config: Config, snap: HostSnap
             if mode == "single-gpu":
                 _console(b, gpus)
             b.actions += unloading
-        _vfio(b, addresses)
+        _vfio(b, addresses, resets)
         if config.isolates(spec.isolate):
             # CPU isolation's planner and actions are imported only for a VM that asks for it: every other
             # start would pay for their classes (see janus_hooks/actions/__init__.py).
@@ -130,7 +153,7 @@ def make_plan(spec: DomainSpec, mode: str | None, config: Config, snap: HostSnap
             b.actions += steps
             b.notes += notes
     except (_Refuse, PlanRefused) as refusal:
-        return Plan(spec.name, mode, addresses, refusal=str(refusal))
+        return Plan(spec.name, mode, addresses, refusal=str(refusal), refusal_detail=getattr(refusal, "detail", ""))
     return Plan(spec.name, mode, addresses, tuple(b.actions), tuple(b.notes))
 
 
@@ -142,16 +165,16 @@ def _shared_plan(b: _Builder, addresses: tuple[str, ...]) -> Plan:
     try:
         _hugepages(b)
         if not b.spec.shared:
-            b.refuse(f"VM {vm!r} is shared-vram but its profile names no <janus:mdev/> or <janus:vf/>")
+            b.refuse(f"VM {quote(vm)} is shared-vram but its profile names no <janus:mdev/> or <janus:vf/>")
         for dev in b.spec.shared:
             if dev.parent not in b.snap.devices:
-                b.refuse(f"GPU {dev.parent} of VM {vm!r} does not exist on this host")
+                b.refuse(f"GPU {dev.parent} of VM {quote(vm)} does not exist on this host")
             if dev.uuid and dev.mdev_type:
                 b.actions.append(CreateMdev(dev.parent, dev.mdev_type, dev.uuid))
             elif dev.vfs > 0:
                 b.actions.append(EnableVfs(dev.parent, dev.vfs))
             else:
-                b.refuse(f"VM {vm!r}: a <janus:mdev/> needs a type and a uuid, a <janus:vf/> a count of 1 or more")
+                b.refuse(f"VM {quote(vm)}: a <janus:mdev/> needs a type and a uuid, a <janus:vf/> a count of 1 or more")
     except (_Refuse, PlanRefused) as refusal:
         return Plan(vm, b.mode, addresses, refusal=str(refusal))
     return Plan(vm, b.mode, addresses, tuple(b.actions), tuple(b.notes))
@@ -165,16 +188,16 @@ def _refuse_host_critical(b: _Builder, dev: PciDevice) -> None:
     option forces these: the host would hang or be cut off."""
     vm = b.spec.name
     if dev.is_bridge:
-        b.refuse(f"PCI device {dev.address} of VM {vm!r} is a bridge or root port: every device behind it would "
+        b.refuse(f"PCI device {dev.address} of VM {quote(vm)} is a bridge or root port: every device behind it would "
                  "lose its path; pass the devices behind it instead")
     reason = b.snap.critical.reasons.get(dev.address)
     if reason:
-        b.refuse(f"PCI device {dev.address} of VM {vm!r} cannot be taken from the host: {reason}")
+        b.refuse(f"PCI device {dev.address} of VM {quote(vm)} cannot be taken from the host: {reason}")
     # A mass-storage controller cannot be proven safe while some mounted storage could not be followed to
     # its controllers (a ZFS root, say). USB controllers are not held to this: a GPU's USB-C function is one.
     if b.snap.critical.unresolved and dev.base_class == PCI_CLASS_STORAGE:
-        b.refuse(f"PCI device {dev.address} of VM {vm!r} may hold the host's storage, which could not be "
-                 f"followed to its controllers ({b.snap.critical.unresolved[0]})")
+        b.refuse(f"PCI device {dev.address} of VM {quote(vm)} may hold the host's storage, which could not be "
+                 f"followed to its controllers ({_cut(b.snap.critical.unresolved[0])})")
 
 
 def _check_devices(b: _Builder, addresses: tuple[str, ...]) -> list[PciDevice]:
@@ -182,9 +205,9 @@ def _check_devices(b: _Builder, addresses: tuple[str, ...]) -> list[PciDevice]:
     for address in addresses:
         dev = snap.devices.get(address)
         if dev is None:
-            b.refuse(f"PCI device {address} of VM {vm!r} does not exist on this host")
+            b.refuse(f"PCI device {address} of VM {quote(vm)} does not exist on this host")
         if address in snap.claims:
-            b.refuse(f"PCI device {address} is in use by VM {snap.claims[address]!r} (its journal is open)")
+            b.refuse(f"PCI device {address} is in use by VM {quote(snap.claims[address])} (its journal is open)")
         _refuse_host_critical(b, dev)
         if dev.iommu_group is None:
             b.refuse(f"PCI device {address} has no IOMMU group: enable the IOMMU (intel_iommu=on or amd_iommu=on)")
@@ -194,7 +217,7 @@ def _check_devices(b: _Builder, addresses: tuple[str, ...]) -> list[PciDevice]:
                 continue
             b.refuse(
                 f"IOMMU group {dev.iommu_group} of {address} also holds {member}"
-                f"{f' (class {other.pci_class})' if other else ''}, which is not given to VM {vm!r}"
+                f"{f' (class {other.pci_class})' if other else ''}, which is not given to VM {quote(vm)}"
             )
     gpus = [snap.devices[a] for a in addresses if snap.devices[a].is_display]
     if b.mode == "passthrough":
@@ -230,7 +253,7 @@ def _hugepages(b: _Builder) -> None:
         pool = b.snap.hugepage_pools.get((size, node))
         where = f"NUMA node {node}" if node is not None else "this host"
         if pool is None:
-            b.refuse(f"{where} has no {size} kB hugepage pool (VM {b.spec.name!r} asks for {size} kB pages)")
+            b.refuse(f"{where} has no {size} kB hugepage pool (VM {quote(b.spec.name)} asks for {size} kB pages)")
         needed = math.ceil(kb / size)
         # Free pages are not all available: some are reserved by mappings (a started QEMU), others were
         # added for a VM whose QEMU has not started yet (two VMs started together must not share them).
@@ -247,7 +270,7 @@ def _hugepages(b: _Builder) -> None:
     if available is not None and missing_kb > available:
         # Asking anyway would make the kernel squeeze the running desktop (and the OOM killer) for
         # pages it cannot have; refuse while nothing has been touched.
-        b.refuse(f"VM {b.spec.name!r} needs {missing_kb // 1024} MiB more hugepages, but only "
+        b.refuse(f"VM {quote(b.spec.name)} needs {missing_kb // 1024} MiB more hugepages, but only "
                  f"{available // 1024} MiB of memory is available")
 
 
@@ -360,7 +383,7 @@ def _free_gpu(b: _Builder, gpus: list[PciDevice], addresses: tuple[str, ...], no
             continue
         if by_command:
             continue  # the display stop command is expected to end it; WaitReleased checks
-        b.refuse(_held(b, hold, addresses, gpus))
+        b.refuse(*_held(b, hold, addresses, gpus))
     if b.snap.systemd:
         dm = (b.config.display_manager or b.snap.display_manager) if single else None
         # The user units first: a release reverts in reverse, so they start again only once the display
@@ -379,23 +402,27 @@ def _free_gpu(b: _Builder, gpus: list[PciDevice], addresses: tuple[str, ...], no
         b.actions.append(WaitReleased(nodes, shared))
 
 
-def _held(b: _Builder, hold: ProcessHold, addresses: tuple[str, ...], gpus: list[PciDevice]) -> str:
-    """The refusal for a holder janus-hooks may not stop: which function, who, and what the person can do."""
+def _held(b: _Builder, hold: ProcessHold, addresses: tuple[str, ...], gpus: list[PciDevice]) -> tuple[str, str]:
+    """The refusal for a holder janus-hooks may not stop: which function, who, and what the person can do
+    (the process and its unit, one remedy), and the other ways out as detail."""
     address = next((a for a in addresses if hold.node in b.snap.function_nodes(a)), gpus[0].address)
     audio = hold.node.startswith(dev_node("snd/"))
     what = "audio function" if audio else "GPU"
+    details = []
     if hold.unit:
-        where, remedy = f" (unit {hold.unit})", "close it or list its unit in display.stop_units"
+        where, remedy = f" (unit {_cut(hold.unit, 48)})", "close it or list its unit in display.stop_units"
     elif hold.user_unit:
-        where = f" (user unit {hold.user_unit} of uid {hold.uid})"
-        remedy = "close it or list its unit in display.stop_user_units (display.stop_units is for system units)"
+        where = f" (user unit {_cut(hold.user_unit, 48)} of uid {hold.uid})"
+        remedy = "close it or list its unit in display.stop_user_units"
+        details.append("display.stop_units is for system units")
     else:
         where, remedy = "", "close it or list its unit in display.stop_units"
     if b.mode == "passthrough" and not audio:
         # A second GPU: the desktop only has it open, it does not draw on it.
-        remedy += ("; or tell the compositor to leave this card alone (GNOME: the mutter-device-ignore udev "
-                   "tag; KDE: KWIN_DRM_DEVICES)")
-    return f"{what} {address} is held by {hold.describe()}{where}, which janus-hooks may not stop; {remedy}"
+        details.append("the compositor can be told to leave this card alone (GNOME: the mutter-device-ignore udev "
+                       "tag; KDE: KWIN_DRM_DEVICES)")
+    line = f"{what} {address} is held by {hold.describe()}{where}, which janus-hooks may not stop; {remedy}"
+    return line, "; ".join(details)
 
 
 def _console(b: _Builder, gpus: list[PciDevice]) -> None:
@@ -410,13 +437,46 @@ def _console(b: _Builder, gpus: list[PciDevice]) -> None:
     b.actions += [DetachFramebuffer(f.device, f.driver) for f in bound if f.driver]
 
 
-def _vfio(b: _Builder, addresses: tuple[str, ...]) -> None:
+def _reset_methods(b: _Builder, gpus: list[PciDevice], reset_risk: str) -> list[Action]:
+    """AMD's reset bug: a GPU that only resets through vendor-reset gets ``device_specific`` for the VM's run
+    when the module is loaded. Without it, a single-GPU start is refused: the card would stay hung after the
+    VM and the desktop with it (unless the VM's profile accepts that); a second GPU only gets a note."""
+    from janus_hooks.actions import SetResetMethod  # only starts with such a GPU load its class
+
+    steps: list[Action] = []
+    loaded = VENDOR_RESET_MODULE in b.snap.module_dirs
+    for gpu in gpus:
+        family = vendor_reset_family(gpu.vendor, gpu.device)
+        if family is None:
+            continue
+        if loaded:
+            methods = b.snap.reset_methods.get(gpu.address)
+            if methods is None:
+                # Kernels before 5.15 have no reset_method: the device-specific reset, which vendor-reset
+                # hooks, is the first one they try.
+                b.notes.append(f"{gpu.address} ({family}): reset by vendor-reset (this kernel has no reset_method)")
+            elif methods == DEVICE_SPECIFIC:
+                b.notes.append(f"{gpu.address} ({family}): reset method is {DEVICE_SPECIFIC} already (vendor-reset)")
+            else:
+                steps.append(SetResetMethod(gpu.address, DEVICE_SPECIFIC))
+            continue
+        if b.mode == "single-gpu" and reset_risk != "accept":
+            b.refuse(f"GPU {gpu.address} ({family}) only resets with vendor-reset, which is not loaded: the desktop "
+                     "may not come back after the VM; load vendor-reset or set reset_risk = \"accept\" in the VM's "
+                     "profile")
+        accepted = "; the VM's profile accepts the risk" if b.mode == "single-gpu" else ""
+        b.notes.append(f"{gpu.address} ({family}) may stay hung after the VM: vendor-reset is not loaded{accepted}")
+    return steps
+
+
+def _vfio(b: _Builder, addresses: tuple[str, ...], resets: list[Action]) -> None:
     if not addresses:
         return
     for module in VFIO_MODULES:
         # Built-in or already loaded: nothing to load (a built-in vfio-pci shows only as a registered driver).
         if module not in b.snap.module_dirs and not (module == "vfio_pci" and VFIO_DRIVER in b.snap.pci_drivers):
             b.actions.append(LoadModule(module, addresses))
+    b.actions += resets
     for address in addresses:
         if b.snap.devices[address].driver == VFIO_DRIVER:
             b.notes.append(f"{address} is already bound to {VFIO_DRIVER}")

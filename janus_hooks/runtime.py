@@ -55,25 +55,27 @@ class Janus:
 
     def mode_of(self, spec: DomainSpec) -> tuple[str | None, tuple[str, ...]]:
         """The VM's janus mode (XML metadata first, then its TOML profile) and its extra units."""
-        mode, units, _isolate = self._profile(spec)
+        mode, units, _isolate, _risk = self._profile(spec)
         return mode, units
 
-    def _profile(self, spec: DomainSpec) -> tuple[str | None, tuple[str, ...], bool | None]:
-        """Mode, extra units and the VM's own isolation request: the XML first, then its TOML profile."""
+    def _profile(self, spec: DomainSpec) -> tuple[str | None, tuple[str, ...], bool | None, str]:
+        """Mode, extra units, the VM's own isolation request and its reset risk: the XML first, then its TOML
+        profile (the only place that can accept a GPU's reset risk)."""
         profile = load_profile(self.host.config_dir(), spec.name)
         isolate = spec.isolate if spec.isolate is not None else profile.isolate if profile else None
+        risk = profile.reset_risk if profile else "refuse"
         if spec.mode:
-            return spec.mode, profile.stop_units if profile else (), isolate
+            return spec.mode, profile.stop_units if profile else (), isolate, risk
         if profile:
-            return profile.mode, profile.stop_units, isolate
-        return None, (), isolate
+            return profile.mode, profile.stop_units, isolate, risk
+        return None, (), isolate, risk
 
     def plan(self, spec: DomainSpec) -> Plan:
         # Only a start plans: a release (the hook's other slow path) never imports the planner.
         from janus_hooks.plan import make_plan
         from janus_hooks.snapshot import CpuState, HostSnapshot
 
-        mode, units, isolate = self._profile(spec)
+        mode, units, isolate, reset_risk = self._profile(spec)
         if mode is None:
             return make_plan(spec, None, self.config, None)
         spec = replace(spec, isolate=isolate)
@@ -86,7 +88,7 @@ class Janus:
             pending = self.store.pending_hugepages(self.host.boot_id(), spec.name,
                                                    lambda vm: self.host.vm_process(vm) is not None)
             snap = replace(snap, pending_hugepages=pending)
-        return make_plan(spec, mode, self.config, snap, units)
+        return make_plan(spec, mode, self.config, snap, units, reset_risk=reset_risk)
 
     def engine(self) -> Engine:
         return Engine(self.ctx, self.store, self.observer)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from janus_hooks.gpu import backend_for, nodes_for
+from janus_hooks.gpu.amdgpu import vendor_reset_family
 from janus_hooks.host import (
     Framebuffer,
     Host,
@@ -96,6 +97,8 @@ class HostSnapshot:
     # but promised (see JournalStore.pending_hugepages).
     pending_hugepages: dict[tuple[int, int | None], int] = field(default_factory=dict)
     critical: CriticalDevices = field(default_factory=CriticalDevices)  # what the host cannot lose
+    # address -> reset_method ("bus"; None: no such attribute) of the GPUs known to need vendor-reset.
+    reset_methods: dict[str, str | None] = field(default_factory=dict)
 
     def function_nodes(self, address: str) -> tuple[str, ...]:
         """Every node through which a process keeps one PCI function busy: a card's, or its sound card's."""
@@ -166,4 +169,6 @@ class HostSnapshot:
             sound_nodes={a: nodes for a in devices if (nodes := tuple(host.sound_nodes_of(a)))},
             users=tuple(host.logind_users()),
             critical=critical_devices(host),
+            reset_methods={a: host.pci_reset_methods(a) for a, d in devices.items()
+                           if vendor_reset_family(d.vendor, d.device)},
         )

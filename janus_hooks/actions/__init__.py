@@ -29,6 +29,7 @@ _LAZY = {
     "LoadModule": "driver",
     "UnloadModule": "driver",
     "AllocateHugepages": "memory",
+    "SetResetMethod": "reset",
     "CreateMdev": "shared",
     "EnableVfs": "shared",
 }

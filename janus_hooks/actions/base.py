@@ -78,6 +78,7 @@ KIND_MODULES = {
     "load-module": "driver",
     "bind-vfio": "driver",
     "allocate-hugepages": "memory",
+    "reset-method": "reset",
     "create-mdev": "shared",
     "enable-vfs": "shared",
 }

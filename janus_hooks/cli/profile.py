@@ -11,6 +11,7 @@ from janus_hooks.config import profile_path
 from janus_hooks.domain import MODES, parse_domain
 from janus_hooks.domain_edit import edit_domain, edit_profile_toml, text_diff, xml_diff
 from janus_hooks.files import atomic_write
+from janus_hooks.gpu.amdgpu import RESET_RISKS
 from janus_hooks.host import Host
 
 
@@ -46,19 +47,23 @@ def _expand_gpus(host: Host, addresses: tuple[str, ...]) -> list[str]:
 @click.option("--isolate/--no-isolate", default=None, help="Keep the host's work off the cores VM's vCPUs are "
               "pinned to while it runs (isolate=\"yes\"), or decline it when janus.toml isolates every pinned "
               "VM. Unchanged when not given.")
+@click.option("--reset-risk", type=click.Choice(RESET_RISKS), default=None,
+              help="A GPU that only resets with vendor-reset (AMD Polaris, Vega, Navi 10/12/14) while that module "
+                   "is not loaded: refuse the single-gpu start (the default) or accept the risk. Recorded in the "
+                   "TOML profile (with --toml).")
 @click.option("--toml", is_flag=True, help="Record the mode in etc/janus-hooks/vms/VM.toml instead of the "
               "libvirt definition (libvirt is not contacted).")
 @click.option("--yes", "-y", is_flag=True, help="Apply the change without asking.")
 @connect_option
 @click.pass_obj
 def profile(env: Env, vm: str, root: Path, mode: str, gpus: tuple[str, ...], hugepages: bool | None,
-            isolate: bool | None, toml: bool, yes: bool, uri: str) -> None:
+            isolate: bool | None, reset_risk: str | None, toml: bool, yes: bool, uri: str) -> None:
     """Mark VM as managed by janus-hooks, in the mode it needs.
 
     Writes the janus-hooks metadata into VM's libvirt definition (virt-manager
     keeps it), adds a PCI hostdev for every function of each --gpu, and adds or
     removes hugepage backing. Shows a diff and asks before defining it.
-    With --toml, writes etc/janus-hooks/vms/VM.toml instead (mode and isolate only).
+    With --toml, writes etc/janus-hooks/vms/VM.toml instead (mode, isolate and reset-risk only).
     """
     env.require_root("profile")
     host = env.host(root)
@@ -66,8 +71,11 @@ def profile(env: Env, vm: str, root: Path, mode: str, gpus: tuple[str, ...], hug
         if gpus or hugepages is not None:
             raise Failure("--gpu and --hugepages change the libvirt definition; with --toml only the mode is "
                           "recorded (give the VM its GPU in virt-manager, or drop --toml)")
-        _profile_toml(env, host, vm, mode, isolate, yes)
+        _profile_toml(env, host, vm, mode, isolate, reset_risk, yes)
         return
+    if reset_risk is not None:
+        raise Failure("--reset-risk is recorded in the VM's TOML profile: add --toml (the libvirt definition "
+                      "keeps its mode; the TOML profile adds the reset risk)")
     if mode == "none" and gpus:
         raise Failure("--gpu gives a managed VM its GPU; with --mode none it has no meaning")
     functions = _expand_gpus(host, gpus)
@@ -94,10 +102,11 @@ def profile(env: Env, vm: str, root: Path, mode: str, gpus: tuple[str, ...], hug
         click.echo(f"Next: 'janus-hooks plan {vm}' shows what its start will change.")
 
 
-def _profile_toml(env: Env, host: Host, vm: str, mode: str, isolate: bool | None, yes: bool) -> None:
+def _profile_toml(env: Env, host: Host, vm: str, mode: str, isolate: bool | None, reset_risk: str | None,
+                  yes: bool) -> None:
     path = profile_path(host.config_dir(), vm)
     current = path.read_text() if path.exists() else None
-    new = edit_profile_toml(current, mode, isolate)
+    new = edit_profile_toml(current, mode, isolate, reset_risk)
     if new == current:
         click.echo(f"VM {vm!r} has no TOML profile; nothing to change." if new is None
                    else f"{path} already says mode {mode}; nothing to change.")

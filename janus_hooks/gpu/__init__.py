@@ -37,7 +37,7 @@ BACKENDS = (
         "amdgpu",
         ("amdgpu",),
         shared_nodes=(dev_node("kfd"),),
-        note="some AMD GPUs do not reset cleanly after a VM; vendor-reset may be needed to get them back",
+        # The cards with AMD's reset bug are listed by device id in gpu/amdgpu.py (the planner acts on them).
     ),
     Backend("intel", ("i915", "xe"), unload=False, note="Intel graphics is only unbound, never unloaded"),
     Backend("nouveau", ("nouveau",)),

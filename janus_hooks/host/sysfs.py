@@ -157,6 +157,17 @@ class Host:
         value = _read(self.pci_dir(address) / "driver_override")
         return None if value in ("", "(null)") else value
 
+    def pci_reset_method_path(self, address: str) -> Path:
+        return self.pci_dir(address) / "reset_method"
+
+    def pci_reset_methods(self, address: str) -> str | None:
+        """The function's enabled reset methods in the order the kernel tries them ("flr bus"); "" when a
+        person disabled them all; None without the attribute (kernels < 5.15, or a device with no reset)."""
+        try:
+            return " ".join(self.pci_reset_method_path(address).read_text().split())
+        except (OSError, UnicodeDecodeError):
+            return None
+
     def pci_drivers(self) -> list[str]:
         try:
             return sorted(os.listdir(self.path("sys/bus/pci/drivers")))

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
+from janus_hooks.hook import CUT, MAX_LINE, one_line
+from janus_hooks.schema import quote
 from tests.conftest import domain_xml
 from tests.core.helpers import assert_same_tree
 from tests.fake import hosts
@@ -13,6 +17,8 @@ def _refused(h, xml: str, vm: str = "win11") -> str:
     code, err = h.hook(vm, "prepare", "begin", xml)
     assert code == 1
     assert "\n" not in err
+    # The issue's bound, met by the message itself: nothing was cut out of it.
+    assert MAX_LINE == 300 and len(err) <= MAX_LINE and CUT not in err, err
     assert_same_tree(before, h.snapshot())
     assert h.kernel.ops == 0
     assert h.services.calls == []
@@ -92,3 +98,69 @@ def test_hostile_xml_is_refused(fake):
     xml = '<!DOCTYPE d [<!ENTITY a "aaaa">]>' + domain_xml(hostdevs=hosts.NVIDIA_FUNCTIONS)
     err = _refused(h, xml)
     assert err == "janus-hooks: VM 'win11': domain XML with a DOCTYPE or ENTITY declaration is refused"
+
+
+LONG = "a-vm-whose-name-goes-on-" * 10  # 240 characters: libvirt takes it, the line quotes 64 of them
+
+
+def _long_holder(root):
+    hosts.single_nvidia(root)
+    unit = "render-" + "x" * 200 + ".service"
+    HostBuilder(root).process(4194304, "blender-cycles0", ["/dev/nvidia0"], cgroup=f"/system.slice/{unit}")
+    return root
+
+
+def _claimed(h):
+    xml = domain_xml(name="b" * 250, hostdevs=("0000:02:00.0", "0000:02:00.1"), mode="passthrough")
+    assert h.hook("b" * 250, "prepare", "begin", xml)[0] == 0
+    return domain_xml(name=LONG, hostdevs=("0000:02:00.0", "0000:02:00.1"), mode="passthrough")
+
+
+# Each refusal with the longest names a host and a VM can give it: (host, XML for LONG, what must survive).
+WORST = {
+    "held by a process in a long-named unit": (
+        _long_holder, lambda h: domain_xml(name=LONG, hostdevs=hosts.NVIDIA_FUNCTIONS),
+        ("GPU 0000:01:00.0 is held by pid 4194304 (blender-cycles0) via /dev/nvidia0", "display.stop_units")),
+    "IOMMU group shared": (
+        hosts.gpu_sharing_group, lambda h: domain_xml(name=LONG, hostdevs=("0000:01:00.0", "0000:01:00.1")),
+        ("IOMMU group 1 of 0000:01:00.0 also holds 0000:02:00.0",)),
+    "unknown device": (
+        hosts.single_nvidia, lambda h: domain_xml(name=LONG, hostdevs=("0000:0a:00.0",)),
+        ("PCI device 0000:0a:00.0 of VM", "does not exist on this host")),
+    "claimed by a long-named VM": (
+        hosts.two_identical_gpus, _claimed, ("PCI device 0000:02:00.0 is in use by VM 'bbbb", "(its journal is open)")),
+    "hugepages beyond memory": (
+        hosts.single_nvidia, lambda h: domain_xml(name=LONG, hostdevs=hosts.NVIDIA_FUNCTIONS, hugepages=True,
+                                                  memory_mib=1 << 20),
+        ("MiB more hugepages, but only 29296 MiB of memory is available",)),
+    "AMD reset bug": (
+        lambda root: hosts.single_polaris(root, vendor_reset=None),
+        lambda h: domain_xml(name=LONG, hostdevs=hosts.POLARIS_FUNCTIONS),
+        ("GPU 0000:03:00.0 (Polaris 10)", "load vendor-reset or set reset_risk = \"accept\" in the VM's profile")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WORST))
+def test_no_refusal_passes_300_characters_with_the_longest_names(fake, case):
+    build, xml, survivors = WORST[case]
+    h = fake(build)
+    text = xml(h)
+    before = h.snapshot()
+    code, err = h.hook(LONG, "prepare", "begin", text)
+    assert code == 1 and "\n" not in err and len(err) <= MAX_LINE and CUT not in err, (len(err), err)
+    assert err.startswith(f"janus-hooks: VM {quote(LONG)}: ")
+    for part in survivors:
+        assert part in err, (part, err)
+    assert_same_tree(before, h.snapshot())
+
+
+def test_a_longer_failure_keeps_its_head_and_its_remedy():
+    # A step that failed and whose rollback failed too: two reasons, then what to run.
+    text = ("janus-hooks: VM 'win11': bind 0000:01:00.0 to vfio-pci: " + "r" * 300
+            + "; reverting failed too (undo unload module nvidia_drm: " + "s" * 200
+            + "); run 'janus-hooks rollback win11'")
+    line = one_line(text)
+    assert len(line) == MAX_LINE and CUT in line
+    assert line.startswith("janus-hooks: VM 'win11': bind 0000:01:00.0 to vfio-pci: ")
+    assert line.endswith("); run 'janus-hooks rollback win11'")
+    assert one_line("short\ntwo lines") == "short | two lines"

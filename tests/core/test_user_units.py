@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from janus_hooks.domain import parse_domain
 from janus_hooks.host.runner import Result
 from janus_hooks.host.services import SystemdServices
 from tests.conftest import FAST_TIMEOUTS, domain_xml
@@ -108,8 +109,7 @@ def test_user_unit_of_a_user_without_graphical_session_is_refused_with_the_user_
     code, err = h.hook("win11", "prepare", "begin", XML)
     assert (code, err) == (1, "janus-hooks: VM 'win11': audio function 0000:00:02.1 is held by pid 1211 (wireplumber) "
                               "via /dev/snd/controlC0 (user unit wireplumber.service of uid 1000), which janus-hooks "
-                              "may not stop; close it or list its unit in display.stop_user_units "
-                              "(display.stop_units is for system units)")
+                              "may not stop; close it or list its unit in display.stop_user_units")
     assert_same_tree(before, h.snapshot())
     h.config(FAST_TIMEOUTS + '[display]\nstop_user_units = ["wireplumber.service"]\n')
     assert h.hook("win11", "prepare", "begin", XML) == (0, "")
@@ -126,17 +126,20 @@ def _sunshine(root):
     return root
 
 
-def test_second_gpu_held_by_a_user_unit_is_refused_with_both_remedies(fake):
+def test_second_gpu_held_by_a_user_unit_is_refused_with_one_remedy_and_the_others_in_plan_and_log(fake):
     h = fake(_sunshine)
     before = h.snapshot()
     code, err = h.hook("games", "prepare", "begin", SECOND)
     assert code == 1
     assert err == ("janus-hooks: VM 'games': GPU 0000:00:03.0 is held by pid 1400 (sunshine) via /dev/dri/card1 "
                    "(user unit sunshine.service of uid 1000), which janus-hooks may not stop; close it or list its "
-                   "unit in display.stop_user_units (display.stop_units is for system units); or tell the "
-                   "compositor to leave this card alone (GNOME: the mutter-device-ignore udev tag; KDE: "
-                   "KWIN_DRM_DEVICES)")
+                   "unit in display.stop_user_units")
     assert_same_tree(before, h.snapshot())
+    detail = ("display.stop_units is for system units; the compositor can be told to leave this card alone "
+              "(GNOME: the mutter-device-ignore udev tag; KDE: KWIN_DRM_DEVICES)")
+    plan = h.janus().plan(parse_domain(SECOND))
+    assert plan.refusal_detail == detail and plan.render().endswith(f"\n  also: {detail}")
+    assert detail in (h.root / "var/log/janus-hooks/hook.log").read_text()
 
 
 def test_second_gpu_freed_by_stop_user_units_and_the_desktop_stays(fake):
@@ -165,8 +168,8 @@ def test_second_gpu_that_the_compositor_merely_has_open_is_not_the_host_display(
     assert code == 1
     assert "drives the host display" not in err
     assert err.startswith("janus-hooks: VM 'games': GPU 0000:00:03.0 is held by pid 1151 (weston) via /dev/dri/card1")
-    assert err.endswith("or tell the compositor to leave this card alone (GNOME: the mutter-device-ignore udev tag; "
-                        "KDE: KWIN_DRM_DEVICES)")
+    assert err.endswith("close it or list its unit in display.stop_units")
+    assert h.janus().plan(parse_domain(SECOND)).refusal_detail.startswith("the compositor can be told to leave")
 
 
 class _Recorder:

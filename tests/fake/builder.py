@@ -92,10 +92,18 @@ class HostBuilder:
         link(base / "iommu_group", f"../../../../kernel/iommu_groups/{group}")
         link(self.root / "sys/kernel/iommu_groups" / str(group) / "devices" / address,
              f"../../../../bus/pci/devices/{address}")
-        self.world["devices"][address] = {"native": driver}
+        self.world["devices"][address] = {"native": driver, "resets": reset.split()}
         if driver:
             link(base / "driver", f"../../../../bus/pci/drivers/{driver}")
             link(self.root / "sys/bus/pci/drivers" / driver / address, f"../../../../devices/{address}")
+        return self
+
+    def vendor_reset(self, address: str, loaded: bool = True) -> HostBuilder:
+        """vendor-reset knows ``address`` (its device-specific reset works while the module is loaded), and
+        the module is loaded or only installed."""
+        self.world["devices"][address]["vendor_reset"] = True
+        if loaded:
+            self.module("vendor_reset")
         return self
 
     def drm(self, card: int, address: str) -> HostBuilder:

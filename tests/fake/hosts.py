@@ -103,12 +103,39 @@ def single_vendor(root: Path, vendor: str) -> Path:
     return b.build()
 
 
-def amd_dgpu_with_igpu(root: Path) -> Path:
-    """An AMD dGPU for the VM and an AMD iGPU (boot VGA) for the desktop: both on amdgpu."""
+POLARIS_GPU = "0000:03:00.0"
+POLARIS_FUNCTIONS = ("0000:03:00.0", "0000:03:00.1")
+
+
+def single_polaris(root: Path, vendor_reset: bool | None = True, reset: str | None = "bus") -> Path:
+    """An RX 580 (Polaris 10, AMD's reset bug) driving the desktop under sddm. ``vendor_reset``: the module
+    loaded (True), installed only (False), or absent (None); ``reset``: its reset_method (None: a kernel
+    before 5.15, which has no such attribute)."""
     b = _common(HostBuilder(root))
     b.module("drm")
     b.module("amdgpu", drivers=("amdgpu",), deps=("drm",))
-    b.pci("0000:03:00.0", "0x1002", "0x73bf", "0x030000", "amdgpu", 3, boot_vga=False)
+    b.pci(POLARIS_GPU, "0x1002", "0x67df", "0x030000", "amdgpu", 3, boot_vga=True, reset=reset or "")
+    b.pci("0000:03:00.1", "0x1002", "0xaaf0", "0x040300", "snd_hda_intel", 3)
+    if reset is None:
+        (root / "sys/bus/pci/devices" / POLARIS_GPU / "reset_method").unlink()
+    if vendor_reset is not None:
+        b.vendor_reset(POLARIS_GPU, loaded=vendor_reset)
+    b.node("/dev/kfd", "amdgpu")
+    b.drm(0, POLARIS_GPU)
+    b.fbcon()
+    b.framebuffer("simpledrm")
+    b.unit("sddm.service", [{"pid": 1300, "comm": "Xorg", "fds": ["/dev/dri/card0", "/dev/kfd"]}])
+    b.display_manager("sddm.service")
+    return b.build()
+
+
+def amd_dgpu_with_igpu(root: Path, dgpu: str = "0x73bf") -> Path:
+    """An AMD dGPU for the VM and an AMD iGPU (boot VGA) for the desktop: both on amdgpu. ``dgpu``: its
+    device id (0x73bf, a Navi 21, resets cleanly; 0x67df, a Polaris 10, does not without vendor-reset)."""
+    b = _common(HostBuilder(root))
+    b.module("drm")
+    b.module("amdgpu", drivers=("amdgpu",), deps=("drm",))
+    b.pci("0000:03:00.0", "0x1002", dgpu, "0x030000", "amdgpu", 3, boot_vga=False)
     b.pci("0000:03:00.1", "0x1002", "0xab28", "0x040300", "snd_hda_intel", 3)
     b.pci("0000:0c:00.0", "0x1002", "0x164e", "0x030000", "amdgpu", 12, boot_vga=True)
     b.drm(0, "0000:0c:00.0").drm(1, "0000:03:00.0")

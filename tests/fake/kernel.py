@@ -13,6 +13,8 @@ Rules it enforces (the ones janus-hooks depends on, as seen on a real 6.1 kernel
 - a native driver binding the boot GPU removes the boot framebuffer's platform device when the host was
   built with ``handover`` (kernels >= 6.0);
 - ``nr_hugepages`` grants only what the node's memory allows; compaction frees fragmented pages;
+- ``reset_method`` takes methods the device has (``device_specific`` only while vendor-reset, which knows
+  the device, is loaded), "default" or nothing (every method disabled); EINVAL otherwise;
 - ``scaling_governor`` takes only an available governor (EINVAL);
 - ``smp_affinity_list`` and ``cpuset.cpus`` take a cpulist of online cores (EINVAL otherwise; an empty
   ``cpuset.cpus`` means the parent's, refused with ENOSPC once set while processes are in the group) and read
@@ -134,6 +136,8 @@ class FakeKernel:
             return self._mdev_remove
         if parts[-1] == "sriov_numvfs":
             return self._sriov_numvfs
+        if rel.startswith("sys/bus/pci/devices/") and parts[-1] == "reset_method":
+            return self._reset_method
         return None
 
     # --- shared GPUs ------------------------------------------------------------------------------------
@@ -168,6 +172,19 @@ class FakeKernel:
         if wanted > total:
             raise self._errno(rel, value, errno.ERANGE)
         path.write_text(f"{wanted}\n")
+
+    def _reset_method(self, rel: str, value: str) -> None:
+        """As reset_method_store does (5.15+): every name must be a method whose probe succeeds on the device."""
+        device = self._world()["devices"][rel.split("/")[-2]]
+        if value == "default":
+            write(self.root / rel, " ".join(device["resets"]) + "\n")
+            return
+        names = value.split()
+        vendor_reset = device.get("vendor_reset") and (self._module_dir("vendor_reset") / "refcnt").exists()
+        for name in names:
+            if name not in device["resets"] and not (name == "device_specific" and vendor_reset):
+                raise self._errno(rel, value, errno.EINVAL)
+        write(self.root / rel, " ".join(names) + "\n")
 
     def _errno(self, rel: str, value: str, code: int) -> KernelError:
         return KernelError(f"writing {value!r} to {self.root / rel} failed: {os.strerror(code)}", code)
