@@ -152,7 +152,7 @@ def _forget_failure(root: str, vm: str) -> None:
 # and its failed rollback, each with its reason) keeps its head, which names the step and device, and its
 # tail, which says what to run; the whole text is in the log file.
 MAX_LINE = 300
-TAIL = 120
+TAIL = 140
 CUT = " ... "
 
 

@@ -196,8 +196,9 @@ def _refuse_host_critical(b: _Builder, dev: PciDevice) -> None:
     # A mass-storage controller cannot be proven safe while some mounted storage could not be followed to
     # its controllers (a ZFS root, say). USB controllers are not held to this: a GPU's USB-C function is one.
     if b.snap.critical.unresolved and dev.base_class == PCI_CLASS_STORAGE:
-        b.refuse(f"PCI device {dev.address} of VM {quote(vm)} may hold the host's storage, which could not be "
-                 f"followed to its controllers ({_cut(b.snap.critical.unresolved[0])})")
+        # The hook's prefix names the VM: the room goes to what could not be followed.
+        b.refuse(f"PCI device {dev.address} may hold the host's storage, which could not be followed to its "
+                 f"controllers ({_cut(b.snap.critical.unresolved[0], 100)})")
 
 
 def _check_devices(b: _Builder, addresses: tuple[str, ...]) -> list[PciDevice]:

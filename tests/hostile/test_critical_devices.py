@@ -46,7 +46,7 @@ def _host(root, storage: str = "luks") -> None:
                   "route (enp5s0)"),
     (ROOT_PORT, "luks", f"PCI device {ROOT_PORT} of VM 'vm' is a bridge or root port: every device behind it "
                         "would lose its path; pass the devices behind it instead"),
-    (SATA, "zfs", f"PCI device {SATA} of VM 'vm' may hold the host's storage, which could not be followed to "
+    (SATA, "zfs", f"PCI device {SATA} may hold the host's storage, which could not be followed to "
                   "its controllers (filesystem / (rpool/ROOT/debian): zfs does not show its disks in sysfs)"),
 ])
 def test_host_critical_device_is_refused_before_anything_changes(tmp_path, address, storage, reason):
