@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from janus_hooks.actions import (
@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Plan:
+    """What a start of ``vm`` will change, in order, or why it is refused."""
+
     vm: str
     mode: str | None
     devices: tuple[str, ...] = ()
@@ -106,15 +108,14 @@ def _cut(text: str, limit: int = MAX_TOKEN) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-@dataclass
 class _Builder:
-    spec: DomainSpec
-    mode: str
-    config: Config
-    snap: HostSnapshot
-    extra_units: tuple[str, ...]
-    actions: list[Action] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
+    """The plan being built (a plain class: nothing compares or prints it, and every start defines it)."""
+
+    def __init__(self, spec: DomainSpec, mode: str, config: Config, snap: HostSnapshot,
+                 extra_units: tuple[str, ...]) -> None:
+        self.spec, self.mode, self.config, self.snap, self.extra_units = spec, mode, config, snap, extra_units
+        self.actions: list[Action] = []
+        self.notes: list[str] = []
 
     def refuse(self, reason: str, detail: str = "") -> None:
         """Stop planning: ``reason`` is the one line libvirt shows (device, who, one remedy; at most ~200

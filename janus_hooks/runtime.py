@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from janus_hooks.actions import Context
@@ -22,13 +22,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-@dataclass
 class Janus:
-    host: Host
-    config: Config
-    ctx: Context
-    store: JournalStore
-    observer: Observer = no_observer
+    """One host's config, collaborators and journals (a plain class: every hook process creates one, and
+    nothing compares or prints it)."""
+
+    def __init__(self, host: Host, config: Config, ctx: Context, store: JournalStore,
+                 observer: Observer = no_observer) -> None:
+        self.host, self.config, self.ctx, self.store, self.observer = host, config, ctx, store, observer
 
     @classmethod
     def open(cls, host: Host, services: Services | None = None, runner: Runner | None = None,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any, ClassVar
 
 from janus_hooks.config import Config
@@ -21,18 +21,23 @@ from janus_hooks.schema import Schema, SchemaError, record
 log = logging.getLogger(__name__)
 
 
-@dataclass
 class Context:
-    """What actions act on; collaborators are injected so tests can play the kernel and the services."""
+    """What actions act on; collaborators are injected so tests can play the kernel and the services.
 
-    host: Host
-    config: Config = field(default_factory=Config)
-    services: Services = field(default_factory=SystemdServices)
-    runner: Runner = field(default_factory=SubprocessRunner)
-    clock: Callable[[], float] = time.monotonic
-    sleep: Callable[[float], None] = time.sleep
-    # What did not come back exactly but does not keep a journal open (shown by `status`).
-    warnings: list[str] = field(default_factory=list)
+    A plain class, not a dataclass: every hook process defines it, and nothing compares or prints it.
+    """
+
+    def __init__(self, host: Host, config: Config | None = None, services: Services | None = None,
+                 runner: Runner | None = None, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.host = host
+        self.config = config if config is not None else Config()
+        self.services = services if services is not None else SystemdServices()
+        self.runner = runner if runner is not None else SubprocessRunner()
+        self.clock = clock
+        self.sleep = sleep
+        # What did not come back exactly but does not keep a journal open (shown by `status`).
+        self.warnings: list[str] = []
 
     def warn(self, message: str) -> None:
         """Log ``message`` as a warning and keep it for the journal store's notes."""
@@ -86,6 +91,8 @@ KIND_MODULES = {
 
 @dataclass(frozen=True)
 class Action:
+    """One kind of change: capture, apply, verify, revert (subclasses name their ``kind`` and fields)."""
+
     kind: ClassVar[str] = ""
     # A persistent change outlives a reboot and must be reverted even when the boot id changed.
     persistent: ClassVar[bool] = False

@@ -15,6 +15,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class UnbindVtconsole(Action):
+    """A framebuffer console let go of the GPU (its vtconsole unbound), bound again on the way back."""
+
     kind = "unbind-vtconsole"
     schema = {"name": VTCONSOLE}
     old_schema = {"bound": boolean}
@@ -67,6 +69,8 @@ class UnbindVtconsole(Action):
 
 @dataclass(frozen=True)
 class DetachFramebuffer(Action):
+    """The boot framebuffer's platform device unbound from its driver (efifb, simplefb, simpledrm)."""
+
     kind = "detach-framebuffer"
     schema = {"device": FRAMEBUFFER, "driver": DRIVER}
     old_schema = {"driver": optional(DRIVER)}

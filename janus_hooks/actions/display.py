@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class StopUnit(Action):
+    """A system unit that holds the GPU (a display manager, a vendor daemon) stopped, started again after."""
+
     kind = "stop-unit"
     schema = {"unit": UNIT, "seat": SEAT}
     old_schema = {"active": boolean}

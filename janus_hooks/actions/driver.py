@@ -25,6 +25,8 @@ def refuse_if_held(ctx: Context, address: str) -> None:
 
 @dataclass(frozen=True)
 class UnloadModule(Action):
+    """A host GPU driver's module unloaded (in holders order), loaded again after."""
+
     kind = "unload-module"
     schema = {"module": MODULE}
     old_schema = {"loaded": boolean, "bound": mapping(PCI_ADDRESS, DRIVER)}
@@ -61,6 +63,8 @@ class UnloadModule(Action):
 
 @dataclass(frozen=True)
 class LoadModule(Action):
+    """A vfio module loaded; unloaded after only if this step loaded it and nothing else uses it."""
+
     kind = "load-module"
     schema = {"module": MODULE, "devices": list_of(PCI_ADDRESS)}
     old_schema = {"loaded": boolean}

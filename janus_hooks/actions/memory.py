@@ -20,6 +20,8 @@ def _pool_name(size_kb: int, node: int | None) -> str:
 
 @dataclass(frozen=True)
 class AllocateHugepages(Action):
+    """Hugepages added to a pool for the VM, exactly those given back after."""
+
     kind = "allocate-hugepages"
     schema = {"size_kb": integer(4, 16 * 1024 * 1024), "node": optional(integer(0, 1023)), "pages": integer(0, 1 << 40)}
     old_schema = {"total": integer(0, 1 << 40), "added": integer(0, 1 << 40)}
