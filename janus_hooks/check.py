@@ -19,9 +19,11 @@ from janus_hooks.errors import JanusError, UnsafeStateError
 from janus_hooks.gpu import quirks
 from janus_hooks.host import Host, PciDevice, Runner, Services
 from janus_hooks.install import (
+    ROOT_OWNED_INSTALL,
     Identity,
     InstallError,
     Manifest,
+    code_others_can_change,
     file_state,
     find_conflicts,
     hook_path,
@@ -250,12 +252,25 @@ def hook_checks(host: Host) -> list[Check]:
                                     "run 'janus-hooks install' to take it over")]
     if state[1] != entry.sha256:
         return [Check("hook", FAIL, f"{path} was changed since install: run 'janus-hooks install' after moving it")]
+    installed_code = _installed_identity(manifest)
+    problem = code_others_can_change(installed_code) if installed_code else None
+    if problem:  # made writable since install: whoever can change it becomes root at the next VM start
+        return [Check("hook", FAIL, f"{problem}: the installed hook runs it as root; {ROOT_OWNED_INSTALL}")]
     current = render_shim(data_file("hooks", "qemu").read_text(), Identity.current(host.root))
     if hashlib.sha256(current.encode()).hexdigest() != state[1]:
         installed = manifest.identity.get("package_dir", "another copy") if manifest else "another copy"
         return [Check("hook", WARN, f"{path} runs janus-hooks from {installed}, not this copy or version: "
                                     "run 'janus-hooks install' again to update it")]
     return [Check("hook", OK, f"{path} installed and current")]
+
+
+def _installed_identity(manifest: Manifest | None) -> Identity | None:
+    """What the installed hook and units run, as install recorded it."""
+    fields = manifest.identity if manifest else {}
+    names = ("root", "interpreter", "python", "package_dir")
+    if not all(isinstance(fields.get(n), str) for n in names):
+        return None
+    return Identity(*(fields[n] for n in names))
 
 
 def agent_check(host: Host, probe: Probe) -> Check:

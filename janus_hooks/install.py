@@ -77,15 +77,19 @@ ROOT_OWNED_INSTALL = ("install janus-hooks where only root can change it, e.g. '
                       "'sudo /opt/janus-hooks/bin/janus-hooks install'")
 
 
+def code_others_can_change(ident: Identity) -> str | None:
+    """Why someone other than root could change the interpreter or the package of ``ident`` (None: nobody).
+
+    The hook and the units run them as root at every VM start, suspend and boot: whoever can change either
+    (or a directory on the way) would become root."""
+    return (others_can_change(ident.interpreter) or others_can_change(ident.python)
+            or tree_others_can_change(Path(ident.package_dir) / "janus_hooks"))
+
+
 def refuse_code_others_can_change(ident: Identity) -> None:
-    """The hook and the units run this interpreter and this package as root at every VM start, suspend and
-    boot: whoever can change either (or a directory on the way) would become root. Refuse that install."""
-    package = Path(ident.package_dir) / "janus_hooks"
-    for problem in (others_can_change(ident.interpreter), others_can_change(ident.python),
-                    tree_others_can_change(package)):
-        if problem:
-            raise InstallError(f"{problem}: the hook would run as root code that others can change; "
-                               f"{ROOT_OWNED_INSTALL}")
+    problem = code_others_can_change(ident)
+    if problem:
+        raise InstallError(f"{problem}: the hook would run as root code that others can change; {ROOT_OWNED_INSTALL}")
 
 
 def render_shim(template: str, ident: Identity) -> str:

@@ -34,10 +34,14 @@ def _copy_package(dest: Path) -> Path:
     return package
 
 
-def _install(code: Path, root: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(code), "PYTHONDONTWRITEBYTECODE": "1"}
+def _install(code: Path, root: Path, *command: str) -> subprocess.CompletedProcess:
+    """``janus-hooks install --yes`` (or ``command``) run from the copy of the package in ``code``."""
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    # Bytecode is written (by root, into the copy): the next command from the same copy starts faster.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     env.pop("JANUS_HOOKS_ROOT", None)
-    return subprocess.run([sys.executable, "-m", "janus_hooks", "install", "--yes", "--root", str(root)],
+    return subprocess.run([sys.executable, "-m", "janus_hooks", *(command or ("install", "--yes")),
+                           "--root", str(root)],
                           env=env, cwd=root.parent, capture_output=True, text=True, timeout=TIMEOUT, check=False)
 
 
@@ -88,6 +92,22 @@ def test_a_root_owned_package_under_opt_linked_to_var_opt_installs_and_its_hook_
     shim = (root / "etc/libvirt/hooks/qemu.d/janus-hooks").read_text()
     assert f'JANUS_PATH = "{system}/var/opt/janus-hooks/lib"\n' in shim
     tally.record("host states checked")
+
+
+def test_check_fails_when_the_installed_code_became_writable_by_others(tmp_path, host_root):
+    code = tmp_path / "code"
+    code.mkdir()
+    _copy_package(code)
+    assert _install(code, host_root).returncode == 0
+    assert "installed and current" in _install(code, host_root, "check").stdout
+    os.chmod(code, 0o777)
+    check = _install(code, host_root, "check")
+    hook = host_root / "etc/libvirt/hooks/qemu.d/janus-hooks"
+    assert check.returncode == 1
+    assert (f"  FAIL  hook       {code} is writable by others (mode 777): the installed hook runs it as root; "
+            f"{ROOT_OWNED_INSTALL}\n") in check.stdout, check.stdout
+    assert hook.is_file()
+    tally.record("inputs tried")
 
 
 def test_others_can_change_walks_every_component_and_link(tmp_path):
