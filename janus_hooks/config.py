@@ -1,4 +1,12 @@
-"""janus.toml and per-VM profiles -> frozen dataclasses (tomllib to read, tomli-w to write)."""
+"""janus.toml and per-VM profiles -> frozen dataclasses (tomllib to read, tomli-w to write).
+
+janus.toml's keys are declared beside the code that reads them where that code is on every hook's path:
+``[timeouts]`` in actions/base.py (the waits), ``log_level`` in logfile.py (the log), a profile's
+``reset_risk`` in gpu/amdgpu.py. ``[display]`` and ``[cpu]`` stay here: their readers (the planner, CPU
+isolation and its actions) are loaded only by the starts that need them, and a release or a plain start
+would pay for importing them just to check a table. This module collects every table and checks a file
+against them strictly.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, TypeVar
 
+from janus_hooks.actions.base import Timeouts
 from janus_hooks.errors import ConfigError
 from janus_hooks.files import check_trusted
 from janus_hooks.gpu.amdgpu import RESET_RISKS
 from janus_hooks.layout import vm_filename
+from janus_hooks.logfile import TOP_LEVEL_KEYS
 from janus_hooks.schema import (
     GOVERNOR,
     UNIT,
@@ -20,7 +30,6 @@ from janus_hooks.schema import (
     boolean,
     empty_or,
     list_of,
-    number,
     pattern,
     quote,
     record,
@@ -29,27 +38,9 @@ from janus_hooks.schema import (
 T = TypeVar("T")
 MAX_CONFIG_BYTES = 256 << 10
 
-LOG_LEVELS = ("debug", "info", "warning", "error")
 # How a managed VM uses its GPU: the only one of the host (the desktop goes away while the VM runs),
 # or a second GPU the host does not display on.
 MODES = ("single-gpu", "passthrough")
-
-
-@dataclass(frozen=True)
-class Timeouts:
-    """Seconds; every wait janus-hooks does is bounded by one of these."""
-
-    unit_stop: float = 30.0
-    release: float = 15.0  # processes letting go of the GPU after their unit stopped
-    driver: float = 10.0  # a driver binding or letting go of a device
-    module: float = 30.0
-    hugepages: float = 30.0
-    lock: float = 60.0
-
-    # The keys of [timeouts] and what each accepts (see ``Section``): a wait must end, so nan, inf, 0 and
-    # negative values are refused.
-    KEYS: ClassVar[Schema] = {name: number(0.01, 3600) for name in (
-        "unit_stop", "release", "driver", "module", "hugepages", "lock")}
 
 
 @dataclass(frozen=True)
@@ -82,10 +73,11 @@ class DisplayConfig:
                               "stop_command": argv, "start_command": argv}
 
 
-# janus.toml's tables: each is a frozen dataclass whose KEYS say what it accepts. Work that reads new
-# settings adds its table here (and its field to Config); unknown tables and keys are refused.
+# janus.toml's tables: each is a frozen dataclass whose KEYS say what it accepts, declared beside the code
+# that reads it when that code is loaded by every hook (see the module's docstring). Work that reads new
+# settings declares its table there, adds it here and its field to Config; unknown tables and keys are refused.
 SECTIONS: dict[str, type] = {"display": DisplayConfig, "timeouts": Timeouts, "cpu": CpuConfig}
-TOP_LEVEL: Schema = {"log_level": pattern("|".join(LOG_LEVELS), "one of " + ", ".join(LOG_LEVELS))}
+TOP_LEVEL: Schema = TOP_LEVEL_KEYS
 
 
 @dataclass(frozen=True)

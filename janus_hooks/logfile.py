@@ -10,6 +10,13 @@ import logging
 import os
 from pathlib import Path
 
+from janus_hooks.schema import Schema, pattern
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+# janus.toml's top-level keys: the level of this log (janus_hooks.config collects them; the value is read
+# lower-cased).
+TOP_LEVEL_KEYS: Schema = {"log_level": pattern("|".join(LOG_LEVELS), "one of " + ", ".join(LOG_LEVELS))}
+
 
 class RotatingLog(logging.FileHandler):
     """Appends to ``path``; a line that would take it to ``max_bytes`` first renames ``path`` to

@@ -11,14 +11,41 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, fields
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from janus_hooks.config import Config
 from janus_hooks.errors import StepFailed
 from janus_hooks.host import Host, Runner, Services, SubprocessRunner, SystemdServices
-from janus_hooks.schema import Schema, SchemaError, record
+from janus_hooks.schema import Schema, SchemaError, number, record
+
+if TYPE_CHECKING:
+    from janus_hooks.config import Config
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """``[timeouts]`` of janus.toml, in seconds: every wait janus-hooks does is bounded by one of these
+    (``wait_until`` below, the kernel seam's blocking writes, the engine's host-wide lock). Declared here,
+    beside the waits; janus_hooks.config collects the table."""
+
+    unit_stop: float = 30.0
+    release: float = 15.0  # processes letting go of the GPU after their unit stopped
+    driver: float = 10.0  # a driver binding or letting go of a device
+    module: float = 30.0
+    hugepages: float = 30.0
+    lock: float = 60.0
+
+    # What each key accepts: a wait must end, so nan, inf, 0 and negative values are refused.
+    KEYS: ClassVar[Schema] = {name: number(0.01, 3600) for name in (
+        "unit_stop", "release", "driver", "module", "hugepages", "lock")}
+
+
+def _default_config() -> Config:
+    # janus_hooks.config imports this module for Timeouts: the other way round only when a Context is made.
+    from janus_hooks.config import Config
+
+    return Config()
 
 
 class Context:
@@ -31,7 +58,7 @@ class Context:
                  runner: Runner | None = None, clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep) -> None:
         self.host = host
-        self.config = config if config is not None else Config()
+        self.config = config if config is not None else _default_config()
         self.services = services if services is not None else SystemdServices()
         self.runner = runner if runner is not None else SubprocessRunner()
         self.clock = clock
