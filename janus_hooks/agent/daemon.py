@@ -34,10 +34,11 @@ from janus_hooks.agent.events import (
     VmLifecycle,
 )
 from janus_hooks.agent.file_watch import FileWatch
-from janus_hooks.agent.hotplug import DeviceNote, DeviceNotes, claim_reserved, reserved_slot
+from janus_hooks.agent.hotplug import claim_reserved, reserved_slot
 from janus_hooks.agent.qemu_watch import QemuWatch
 from janus_hooks.agent.sdnotify import SdNotify
 from janus_hooks.config import Config, config_path, load_config, load_profile
+from janus_hooks.device_notes import DeviceNote, DeviceNotes
 from janus_hooks.errors import JanusError, LockBusy
 from janus_hooks.failures import FailureStore, StartFailure
 from janus_hooks.files import ensure_private_dir
@@ -83,6 +84,7 @@ class Agent:
         self.libvirt_up = False
         self.loop: asyncio.AbstractEventLoop | None = None
         self.queue: asyncio.Queue[object] = asyncio.Queue()
+        self._unhandled = 0  # events put on the queue and not handled yet (one taken off is still unhandled)
         self.qemu: QemuWatch | None = None
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._retry: dict[str, float] = {}
@@ -96,7 +98,11 @@ class Agent:
     def post(self, event: object) -> None:
         """Put an event on the queue; safe from any thread."""
         assert self.loop is not None
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        self.loop.call_soon_threadsafe(self._put, event)
+
+    def _put(self, event: object) -> None:
+        self._unhandled += 1
+        self.queue.put_nowait(event)
 
     async def run(self, stopping: asyncio.Event | None = None) -> None:
         """Run until ``stopping`` is set (or SIGTERM/SIGINT when it is None)."""
@@ -123,6 +129,8 @@ class Agent:
                     self._handle(get.result())
                 except Exception:  # one bad event must not end the agent
                     log.exception("agent: handling %r failed", get.result())
+                finally:
+                    self._unhandled -= 1
         finally:
             log.info("agent: stopping")
             self.sd.stopping()
@@ -189,7 +197,7 @@ class Agent:
         old = self._timers.pop(vm, None)
         if old is not None:
             old.cancel()
-        self._timers[vm] = self.loop.call_later(delay, self.queue.put_nowait, Recheck(vm, why))
+        self._timers[vm] = self.loop.call_later(delay, self._put, Recheck(vm, why))
 
     def _off_loop(self, fn: Callable[[], Any], then: Callable[[Any], None]) -> None:
         """Run ``fn`` on the worker thread (one at a time) and ``then(result)`` back on the loop."""
@@ -211,7 +219,7 @@ class Agent:
     async def idle(self, timeout: float = 30.0) -> None:
         """Wait until the queue is empty and no work runs (tests)."""
         deadline = time.monotonic() + timeout
-        while self.queue.qsize() or self._pending or self._debounced:
+        while self._unhandled or self._pending or self._debounced:
             if time.monotonic() > deadline:
                 raise TimeoutError("the agent did not become idle")
             await asyncio.sleep(0.01)

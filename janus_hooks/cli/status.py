@@ -10,9 +10,9 @@ import click
 import janus_hooks
 from janus_hooks import check as checks
 from janus_hooks import install as inst
-from janus_hooks.agent.hotplug import DeviceNotes
 from janus_hooks.cli.common import Env, Failure, connect_option, readable_store, root_option, when
 from janus_hooks.config import load_profile
+from janus_hooks.device_notes import DeviceNotes
 from janus_hooks.domain import PROFILE_NS, parse_domain
 from janus_hooks.errors import JanusError
 from janus_hooks.failures import FailureStore

@@ -294,3 +294,29 @@ def test_status_shows_what_the_last_release_warned_about(make_cli):
     assert lines[at].endswith("idle")
     assert lines[at + 1].startswith("    warning (last release): boot framebuffer efi-framebuffer.0 could not be "
                                     "re-attached to efi-framebuffer")
+
+
+def test_commands_load_lazily_and_only_the_agent_runs_asyncio():
+    """The agent runs for the host's lifetime: starting it must not load vm create, the installer or the
+    planner; and no other command loads asyncio or the agent's event sources (status included)."""
+    import json
+    import subprocess
+    import sys
+
+    code = """if True:
+        import json, sys
+        import click
+        from janus_hooks.cli import cli
+        from janus_hooks.cli import agent
+        started = sorted(m for m in sys.modules if m.startswith(("janus_hooks.vm", "janus_hooks.install",
+                                                                  "janus_hooks.plan", "janus_hooks.engine")))
+        ctx = click.Context(cli)
+        for name in cli.list_commands(ctx):
+            cli.get_command(ctx, name)
+        heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("asyncio", "libvirt", "pyudev", "watchdog"))
+        print(json.dumps([started, heavy]))
+    """
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    started, heavy = json.loads(out.stdout)
+    assert started == [], "the agent's command loads what it does not need"
+    assert heavy == [], "a command module loads asyncio or an event source at import"

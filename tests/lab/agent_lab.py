@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import scenario
-from scenario import VENV_BIN, run, say, wait_for
+from scenario import VENV_BIN, run, say, stop_process, wait_for
 
 FLAVOUR = os.environ.get("LAB_FLAVOUR", "runit")
 OUT = scenario.OUT
@@ -210,12 +210,7 @@ def main() -> int:
         result["agent_lines"] = [line for line in log.lines() if VM in line or "devices:" in line][-40:]
     finally:
         if agent is not None:
-            agent.send_signal(signal.SIGTERM)
-            try:
-                result["agent_exit"] = agent.wait(60)
-            except subprocess.TimeoutExpired:
-                agent.kill()
-                result["agent_exit"] = "killed"
+            result["agent_exit"] = stop_process(agent)
         elif FLAVOUR == "desktop":
             run(["systemctl", "stop", UNIT], timeout=120, check=False)
             result["unit_after_stop"] = run(["systemctl", "show", UNIT, "-p", "ActiveState,Result"],

@@ -21,14 +21,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import scenario
-from scenario import VENV_BIN, run, say, wait_for
+from scenario import VENV_BIN, pci_driver, run, say, stop_process, wait_for
 
 OUT = scenario.OUT
 FIRST_GPU, SECOND_GPU, SLOT = "0000:00:02.0", "0000:00:06.0", "0000:00:06"
@@ -36,13 +35,6 @@ RULES = Path("/etc/udev/rules.d/40-janus-hooks-reserve.rules")
 SOFTDEP = Path("/etc/modprobe.d/janus-hooks-reserve.conf")
 AGENT_LOG = OUT / "agent.log"
 CLI = str(VENV_BIN / "janus-hooks")
-
-
-def driver(address: str) -> str | None:
-    try:
-        return os.path.basename(os.readlink(f"/sys/bus/pci/devices/{address}/driver"))
-    except OSError:
-        return None
 
 
 def override(address: str) -> str | None:
@@ -58,7 +50,7 @@ def kernel_lines(address: str) -> list[str]:
 
 
 def devices() -> dict:
-    return {a: {"driver": driver(a), "override": override(a)} for a in (FIRST_GPU, SECOND_GPU)}
+    return {a: {"driver": pci_driver(a), "override": override(a)} for a in (FIRST_GPU, SECOND_GPU)}
 
 
 def without_initramfs_tools() -> None:
@@ -103,12 +95,7 @@ def hotplug(result: dict) -> None:
         result["hotplug_kernel"] = kernel_lines(SECOND_GPU)[-10:]
         result["status"] = run([CLI, "status"], check=False).stdout
     finally:
-        agent.send_signal(signal.SIGTERM)
-        try:
-            result["agent_exit"] = agent.wait(60)
-        except subprocess.TimeoutExpired:
-            agent.kill()
-            result["agent_exit"] = "killed"
+        result["agent_exit"] = stop_process(agent)
         result["agent_lines"] = [line for line in AGENT_LOG.read_text().splitlines() if "devices:" in line][-20:]
 
 

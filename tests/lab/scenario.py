@@ -75,11 +75,26 @@ DOMAIN_NO_HUGEPAGES = domain_xml(VM, ("0",), hugepages=False)
 
 
 # --- the real kernel and processes -------------------------------------------------------------------------
-def gpu_driver() -> str | None:
+def pci_driver(address: str) -> str | None:
     try:
-        return os.path.basename(os.readlink(f"/sys/bus/pci/devices/{GPU}/driver"))
+        return os.path.basename(os.readlink(f"/sys/bus/pci/devices/{address}/driver"))
     except OSError:
         return None
+
+
+def gpu_driver() -> str | None:
+    return pci_driver(GPU)
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 60) -> int | str:
+    """SIGTERM, then its exit status; SIGKILL (and "killed") if it does not end within ``timeout``."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout)
+        return "killed"
 
 
 def vtcon_fb_bound() -> bool | None:
