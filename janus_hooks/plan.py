@@ -443,8 +443,6 @@ def _reset_methods(b: _Builder, gpus: list[PciDevice], reset_risk: str) -> list[
     """AMD's reset bug: a GPU that only resets through vendor-reset gets ``device_specific`` for the VM's run
     when the module is loaded. Without it, a single-GPU start is refused: the card would stay hung after the
     VM and the desktop with it (unless the VM's profile accepts that); a second GPU only gets a note."""
-    from janus_hooks.actions import SetResetMethod  # only starts with such a GPU load its class
-
     steps: list[Action] = []
     loaded = VENDOR_RESET_MODULE in b.snap.module_dirs
     for gpu in gpus:
@@ -460,6 +458,8 @@ def _reset_methods(b: _Builder, gpus: list[PciDevice], reset_risk: str) -> list[
             elif methods == DEVICE_SPECIFIC:
                 b.notes.append(f"{gpu.address} ({family}): reset method is {DEVICE_SPECIFIC} already (vendor-reset)")
             else:
+                from janus_hooks.actions import SetResetMethod  # only starts with such a GPU load its class
+
                 steps.append(SetResetMethod(gpu.address, DEVICE_SPECIFIC))
             continue
         if b.mode == "single-gpu" and reset_risk != "accept":

@@ -18,13 +18,14 @@ from tests.fake import hosts
 
 REPO = Path(__file__).resolve().parents[2]
 # logging.handlers (and what only it pulls in): the hook's log file has its own small rotating handler.
-# The CLI, the agent and their libraries, VM creation; CPU isolation and shared-vram (their actions are
-# imported only for a VM that uses them); difflib (only a config error suggests a key).
+# The CLI, the agent and their libraries, VM creation; CPU isolation, shared-vram and AMD's reset method
+# (their actions are imported only for a VM that uses them); difflib (only a config error suggests a key).
 NOT_ON_SLOW_PATH = (
     "logging.handlers", "socket", "pickle", "queue",
     "click", "libvirt", "pyudev", "watchdog", "janus_hooks.cli", "janus_hooks.agent", "janus_hooks.vm",
     "janus_hooks.install", "janus_hooks.check",
-    "janus_hooks.isolation", "janus_hooks.actions.cpu", "janus_hooks.actions.shared", "difflib",
+    "janus_hooks.isolation", "janus_hooks.actions.cpu", "janus_hooks.actions.shared", "janus_hooks.actions.reset",
+    "difflib",
 )
 
 CHILD = """
