@@ -164,12 +164,28 @@ def test_a_refused_start_stays_in_status_until_a_start_succeeds(installed, vms):
     message, _ = _refused(vms, name, memory_mib=GUEST_MIB, page_kb=4096)
     record = Path(failure_file("/", name))
     assert record.exists(), f"the refused start left no record at {record}"
-    status = installed.command("status").stdout
-    assert "    last failed start: " in status and "no 4096 kB hugepage pool" in status, status
+    shown = _status_of(installed, name)
+    assert any(line.startswith("    last failed start: ") and "no 4096 kB hugepage pool" in line
+               for line in shown), shown
     vms.lookup(name).undefine()
     dom = vms.define(name, memory_mib=GUEST_MIB, mode="single-gpu", hugepages=True)  # fixed: 2 MiB pages
     vms.start(dom)
     assert dom.isActive()
     assert not record.exists(), "the record of the refused start outlived a start that worked"
-    assert "last failed start" not in installed.command("status").stdout
+    shown = _status_of(installed, name)
+    assert shown and not any("last failed start" in line for line in shown), shown
     vms.destroy(dom)
+
+
+def _status_of(janus, vm: str) -> list[str]:
+    """The lines `status` shows for one VM: its own line and the indented ones under it."""
+    lines = janus.command("status").stdout.splitlines()
+    at = next((i for i, line in enumerate(lines) if line.startswith(f"  {vm} ")), None)
+    if at is None:
+        return []
+    block = [lines[at]]
+    for line in lines[at + 1:]:
+        if not line.startswith("    "):
+            break
+        block.append(line)
+    return block
