@@ -4,7 +4,6 @@ profile). Pure."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from typing import NamedTuple
 from xml.etree import ElementTree
 
@@ -26,7 +25,7 @@ _UNIT_KIB = {
 }
 
 
-# HostDev, CpuPins and SharedDevice are NamedTuples, not dataclasses: every hook start defines them, and a
+# The records of this module are NamedTuples, not dataclasses: every hook start defines them, and a
 # dataclass compiles its generated methods when its class is created (about five times the cost).
 class HostDev(NamedTuple):
     """A PCI <hostdev> of the domain."""
@@ -35,11 +34,12 @@ class HostDev(NamedTuple):
     managed: bool
 
 
-@dataclass(frozen=True)
-class HugepageRequest:
+class HugepageRequest(NamedTuple):
+    """The VM's hugepage backing: page size and how much memory on which host node."""
+
     page_kb: int | None  # None: the host's default size
     # Pages per host NUMA node; {None: n} means the global pool (the kernel spreads them).
-    per_node_kb: dict[int | None, int] = field(default_factory=dict)
+    per_node_kb: dict[int | None, int]
 
 
 class CpuPins(NamedTuple):
@@ -73,8 +73,9 @@ class SharedDevice(NamedTuple):
     vfs: int = 0
 
 
-@dataclass(frozen=True)
-class DomainSpec:
+class DomainSpec(NamedTuple):
+    """What one domain definition asks of the host."""
+
     name: str
     uuid: str
     memory_kb: int
@@ -82,7 +83,7 @@ class DomainSpec:
     hugepages: HugepageRequest | None
     mode: str | None  # from <metadata><janus:profile mode=.../>, None when not marked
     shared: tuple[SharedDevice, ...] = ()  # shared-vram: <janus:mdev/> and <janus:vf/> in the profile
-    cpus: CpuPins = field(default_factory=CpuPins)
+    cpus: CpuPins = CpuPins()
     isolate: bool | None = None  # <janus:profile isolate="yes|no"/>; None: the VM's TOML or janus.toml decides
 
 

@@ -78,7 +78,7 @@ class Janus:
         mode, units, isolate, reset_risk = self._profile(spec)
         if mode is None:
             return make_plan(spec, None, self.config, None)
-        spec = replace(spec, isolate=isolate)
+        spec = spec._replace(isolate=isolate)
         cpu = None
         if self.config.isolates(spec.isolate):
             cpu = CpuState.read(self.host, self.store.cpu_claims(self.host.boot_id(), except_vm=spec.name))
