@@ -1,11 +1,10 @@
 """janus.toml and per-VM profiles -> frozen dataclasses (tomllib to read, tomli-w to write).
 
 janus.toml's keys are declared beside the code that reads them where that code is on every hook's path:
-``[timeouts]`` in actions/base.py (the waits), ``log_level`` in logfile.py (the log), a profile's
-``reset_risk`` in gpu/amdgpu.py. ``[display]`` and ``[cpu]`` stay here: their readers (the planner, CPU
-isolation and its actions) are loaded only by the starts that need them, and a release or a plain start
-would pay for importing them just to check a table. This module collects every table and checks a file
-against them strictly.
+``[timeouts]`` in actions/base.py (the waits), ``log_level`` in logfile.py (the log). ``[display]``, ``[cpu]``
+and a profile's keys stay here: their readers (the planner, CPU isolation and its actions, the GPU backends)
+are loaded only by the starts that need them, and a release or a plain start would pay for importing them
+just to check a table. This module collects every table and checks a file against them strictly.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ from typing import ClassVar, TypeVar
 from janus_hooks.actions.base import Timeouts
 from janus_hooks.errors import ConfigError
 from janus_hooks.files import check_trusted
-from janus_hooks.gpu.amdgpu import RESET_RISKS
 from janus_hooks.layout import vm_filename
 from janus_hooks.logfile import TOP_LEVEL_KEYS
 from janus_hooks.schema import (
@@ -41,6 +39,10 @@ MAX_CONFIG_BYTES = 256 << 10
 # How a managed VM uses its GPU: the only one of the host (the desktop goes away while the VM runs),
 # or a second GPU the host does not display on.
 MODES = ("single-gpu", "passthrough")
+# A profile's reset_risk: what a single-GPU start does with a GPU that only resets with vendor-reset (gpu/amdgpu.py)
+# while that module is not loaded: refuse (the desktop may never come back), or accept the risk and start anyway.
+# Declared here with the profile's other keys, not in gpu/: a release would import the GPU backends to read it.
+RESET_RISKS = ("refuse", "accept")
 
 
 @dataclass(frozen=True)
@@ -124,7 +126,7 @@ class VmProfile:
     mode: str
     stop_units: tuple[str, ...] = ()
     isolate: bool | None = None  # None: janus.toml's cpu.isolate decides
-    reset_risk: str = "refuse"  # see gpu/amdgpu.py
+    reset_risk: str = "refuse"  # see RESET_RISKS
 
     KEYS: ClassVar[Schema] = {"mode": pattern("|".join(MODES), "one of " + ", ".join(MODES)),
                               "stop_units": list_of(UNIT, 64), "isolate": boolean,

@@ -7,11 +7,10 @@ from pathlib import Path
 import click
 
 from janus_hooks.cli.common import Env, Failure, confirm, connect_option, domain_xml, root_option, warn
-from janus_hooks.config import profile_path
+from janus_hooks.config import RESET_RISKS, profile_path
 from janus_hooks.domain import MODES, parse_domain
 from janus_hooks.domain_edit import edit_domain, edit_profile_toml, text_diff, xml_diff
 from janus_hooks.files import atomic_write
-from janus_hooks.gpu.amdgpu import RESET_RISKS
 from janus_hooks.host import Host
 
 

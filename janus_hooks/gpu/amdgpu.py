@@ -13,9 +13,6 @@ AMD_VENDOR = "0x1002"
 # The module as /sys/module names it (loaded as "vendor-reset").
 VENDOR_RESET_MODULE = "vendor_reset"
 DEVICE_SPECIFIC = "device_specific"
-# A VM profile's reset_risk (read by the planner): what a single-GPU start does with such a GPU while
-# vendor-reset is not loaded: refuse (the desktop may never come back), or accept the risk and start anyway.
-RESET_RISKS = ("refuse", "accept")
 
 _FAMILIES: dict[str, tuple[int, ...]] = {
     "Polaris 10": (0x67C0, 0x67C1, 0x67C2, 0x67C4, 0x67C7, 0x67C8, 0x67C9, 0x67CA, 0x67CC, 0x67CF, 0x67D0,

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from janus_hooks.logfile import RotatingLog
-from tests.conftest import domain_xml
+from tests.conftest import FakeHost, domain_xml
 from tests.fake import hosts
 
 REPO = Path(__file__).resolve().parents[2]
@@ -63,6 +63,25 @@ def test_prepare_and_release_import_only_what_they_use(tmp_path):
     assert "VM win11: prepared" in log and "VM win11: released" in log
     assert "janus_hooks.plan" in result["modules"]  # it was the slow path
     assert [m for m in NOT_ON_SLOW_PATH if m in result["modules"]] == []
+
+
+def test_release_alone_imports_no_planner_and_no_gpu_backend(tmp_path):
+    """libvirt's release end is a process of its own: it replays the journal, it reads janus.toml (and its
+    profile keys) but never plans, so the planner, the host snapshot and the GPU backends stay unloaded."""
+    root = hosts.single_nvidia(tmp_path / "host")
+    xml = domain_xml(hostdevs=hosts.NVIDIA_FUNCTIONS, hugepages=True)
+    assert FakeHost(root).hook("win11", "prepare", "begin", xml)[0] == 0
+    child = CHILD.format(repo=str(REPO), root=str(root)).replace(
+        'for op, sub in (("prepare", "begin"), ("release", "end"))', 'for op, sub in (("release", "end"),)')
+    out = subprocess.run([sys.executable, "-I", "-S", "-c", child], capture_output=True, text=True, timeout=60,
+                         input=xml)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["codes"] == [0], out.stderr
+    assert "janus_hooks.engine" in result["modules"]  # it replayed the journal
+    loaded = [m for m in ("janus_hooks.plan", "janus_hooks.snapshot", "janus_hooks.domain", "janus_hooks.gpu")
+              if m in result["modules"]]
+    assert loaded == []
 
 
 def test_each_action_kind_is_found_in_the_module_the_kind_table_names():
