@@ -51,10 +51,11 @@ def claim_reserved(host: Host, address: str, timeout: float,
         held = host.holders_of(host.function_nodes(address))
         if held:
             raise HotplugError(f"{address} (reserved for VMs) was taken by {driver} and is held by "
-                               f"{held[0].describe()}: not unbinding it; stop that and run "
-                               f"'janus-hooks unreserve' / 'reserve' again or reboot")
+                               f"{held[0].describe()}: not unbinding it while it is (the reservation "
+                               "applies at the next boot)")
+    rule_ran = host.pci_driver_override(address) == VFIO
     try:
-        if host.pci_driver_override(address) != VFIO:
+        if not rule_ran:
             host.kernel.write(host.pci_dir(address) / "driver_override", VFIO)
         if driver is not None:
             host.kernel.write(host.pci_driver_dir(driver) / "unbind", address)
@@ -72,5 +73,7 @@ def claim_reserved(host: Host, address: str, timeout: float,
                                f"(driver now: {now})")
         time.sleep(delay)
         delay = min(delay * 2, 0.05)
+    if driver and rule_ran:  # the kernel probed the new device before udevd ran the rule
+        return f"put on vfio-pci by the agent ({driver} bound it before udev's rule ran)"
     took = f", taken from {driver}" if driver else ""
     return f"put on vfio-pci by the agent (udev's rule did not apply{took})"

@@ -318,3 +318,17 @@ def _host(h):
     from janus_hooks.host import Host
 
     return Host(h.root, h.kernel)
+
+
+def test_a_host_driver_that_probed_before_udevs_rule_ran_is_named(fake, tmp_path):
+    from janus_hooks.agent.hotplug import claim_reserved
+
+    h = fake(hosts.amd_dgpu_with_igpu)
+    _reserve(h, AMD_GPU)
+    _unplug(h.root, AMD_GPU, tmp_path)
+    _plug(h.root, AMD_GPU, tmp_path, "amdgpu")
+    write(h.root / "sys/bus/pci/devices" / AMD_GPU / "driver_override", "vfio-pci\n")  # the rule ran, too late
+    done = claim_reserved(_host(h), AMD_GPU, timeout=1.0)
+    assert done == "put on vfio-pci by the agent (amdgpu bound it before udev's rule ran)"
+    assert _host(h).pci_driver(AMD_GPU) == "vfio-pci"
+    assert claim_reserved(_host(h), AMD_GPU, timeout=1.0) == "on vfio-pci (udev's rule applied)"
