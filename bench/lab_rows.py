@@ -98,6 +98,12 @@ def measure_desktop_switch(runs: int = 3) -> list[dict]:
                     row["goal"], row["goal_met"] = f"<= {goal}x", row["ratio"] <= goal
             if "janus" in failures:
                 row["note"] = f"janus-hooks failed: {failures['janus']}; {row['note']}"
+            if way == "back":
+                for side in ("janus", base):
+                    missed = len(bench.get("back_failures", {}).get(side, []))
+                    if missed:
+                        row["note"] += (f"; {side}: the desktop did not come back {missed} time(s) (greeter only), "
+                                        "those runs not counted")
             rows.append(row)
     return rows
 

@@ -493,6 +493,7 @@ def scenario_bench(runs: int) -> dict:
     desktop_whole = lambda: (desktop_holds_card(None)  # noqa: E731
                              and any(h["unit"] == USER_APP_UNIT for h in holders([card_node() or ""])))
     failures: dict[str, str] = {}
+    back_failures: dict[str, list[str]] = {}
     for n in range(runs):
         order = list(sides)[n % 3:] + list(sides)[:n % 3]  # each side goes first once in three rounds
         for side in order:
@@ -513,12 +514,24 @@ def scenario_bench(runs: int) -> dict:
             times[f"{side}_start"].append(time.monotonic() - t0)
             t0 = time.monotonic()
             back()
-            wait_for(lambda s=session: desktop_holds_card(s), 180, f"{side}: a new session holding the card")
-            times[f"{side}_back"].append(time.monotonic() - t0)
+            try:
+                wait_for(lambda s=session: desktop_holds_card(s), 90, f"{side}: a new session holding the card")
+                times[f"{side}_back"].append(time.monotonic() - t0)
+            except SystemExit as err:
+                # Seen with the guides' way back: the display manager started before udev gave the card back
+                # to seat0, weston found no card, greetd fell back to its greeter. Counted, then put right
+                # the way a person would, so that the next side starts from the same desktop.
+                back_failures.setdefault(side, []).append(str(err))
+                say(f"{side}: the desktop did not come back ({err}); restarting the display manager")
+                run(["udevadm", "settle", "--timeout=30"], check=False, timeout=60)
+                run(["systemctl", "restart", "display-manager.service"], check=False, timeout=60)
         say(f"round {n + 1}: " + " | ".join(
-            f"{side} start {times[side + '_start'][-1]:.2f} s back {times[side + '_back'][-1]:.2f} s"
-            for side in sides if side not in failures))
-    return {"times": times, "failures": failures, "janus_steps": janus_steps, **costs}
+            f"{side} start {times[side + '_start'][-1]:.2f} s back "
+            + (f"{times[side + '_back'][-1]:.2f} s" if len(times[side + "_back"]) == n + 1 - len(
+                back_failures.get(side, [])) and times[side + "_back"] else "failed")
+            for side in sides if side not in failures and times[side + "_start"]))
+    return {"times": times, "failures": failures, "back_failures": back_failures, "janus_steps": janus_steps,
+            **costs}
 
 
 DEBUG_NOISE = ("Got message type=", "Sent message type=", "varlink", "/run/systemd/userdb/", "Match type=")
