@@ -102,8 +102,10 @@ def measure_desktop_switch(runs: int = 3) -> list[dict]:
                 for side in ("janus", base):
                     missed = len(bench.get("back_failures", {}).get(side, []))
                     if missed:
-                        row["note"] += (f"; {side}: the desktop did not come back {missed} time(s) (greeter only), "
-                                        "those runs not counted")
+                        row["note"] += (f"; {side}: the desktop did not come back {missed} time(s), those runs not "
+                                        "counted (the lab's desktop-bench.json shows what it looked like)")
+            if bench.get("aborted"):
+                row["note"] += f"; the bench stopped early: {bench['aborted']['error']}"
             rows.append(row)
     return rows
 
