@@ -104,6 +104,10 @@ def measure_desktop_switch(runs: int = 3) -> list[dict]:
                     if missed:
                         row["note"] += (f"; {side}: the desktop did not come back {missed} time(s), those runs not "
                                         "counted (the lab's desktop-bench.json shows what it looked like)")
+                    incomplete = len(bench.get("left_incomplete", {}).get(side, []))
+                    if incomplete:
+                        row["note"] += (f"; {side}: the user's application did not come back {incomplete} "
+                                        "time(s) (restarted before the next side)")
             if bench.get("aborted"):
                 row["note"] += f"; the bench stopped early: {bench['aborted']['error']}"
             rows.append(row)

@@ -507,7 +507,9 @@ def scenario_bench(runs: int) -> dict:
                              and any(h["unit"] == USER_APP_UNIT for h in holders([card_node() or ""])))
     failures: dict[str, str] = {}  # a side whose start failed is not run again
     back_failures: dict[str, list[dict]] = {}
+    left_incomplete: dict[str, list[dict]] = {}  # the session came back, the user's application did not
     aborted = None
+    previous = None
     try:
         for n in range(runs):
             order = list(sides)[n % 3:] + list(sides)[:n % 3]  # each side goes first once in three rounds
@@ -515,7 +517,17 @@ def scenario_bench(runs: int) -> dict:
                 if side in failures:
                     continue
                 start, back = sides[side]
-                wait_for(desktop_whole, 180, "the whole desktop (session, audio, application)")
+                try:
+                    wait_for(desktop_whole, 60 if previous else 180, "the whole desktop (session, audio, application)")
+                except SystemExit as err:
+                    # Counted against the side before, then put right as a person would: the application
+                    # started again.
+                    left_incomplete.setdefault(previous, []).append({"error": str(err), "diagnostics": diagnostics()})
+                    say(f"{previous} left the desktop incomplete: {show(host_state())}; restarting {USER_APP_UNIT}")
+                    run(["systemctl", "--user", "--machine=1500@.host", "restart", USER_APP_UNIT], check=False,
+                        timeout=60)
+                    wait_for(desktop_whole, 120, "the whole desktop (session, audio, application)")
+                previous = side
                 session = (graphical_session() or {}).get("Id")
                 t0 = time.monotonic()
                 try:
@@ -549,7 +561,8 @@ def scenario_bench(runs: int) -> dict:
         # The desktop could not be put right: what was measured so far stays, with why it stopped.
         aborted = {"error": str(err), "diagnostics": diagnostics()}
         say(f"bench stopped: {err}: {show(aborted['diagnostics']['state'])}")
-    return {"times": times, "failures": failures, "back_failures": back_failures, "aborted": aborted,
+    return {"times": times, "failures": failures, "back_failures": back_failures,
+            "left_incomplete": left_incomplete, "aborted": aborted,
             "janus_steps": janus_steps, **costs}
 
 
