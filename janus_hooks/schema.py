@@ -50,7 +50,6 @@ DRIVER = pattern(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*", "a driver name", MAX_TOKEN)
 VTCONSOLE = pattern(r"vtcon[0-9]{1,2}", "a vtconsole name (vtcon0)")
 FRAMEBUFFER = pattern(r"(efi|simple|vesa)-framebuffer\.[0-9]{1,3}", "a boot framebuffer device")
 SESSION = pattern(r"[A-Za-z0-9]{1,64}", "a logind session id")
-DEV_NODE = pattern(r"/dev/(?!.*(^|/)\.\.?(/|$))[A-Za-z0-9_][A-Za-z0-9_.:/+-]*", "a device node under /dev", 128)
 BOOT_ID = pattern(r"[0-9a-f-]{1,64}|unknown", "a boot id")
 VM_NAME = pattern(r"[^\x00-\x1f/]+|[^\x00-\x1f]*/[^\x00-\x1f]*", "a VM name", 1024)
 # Lists ("0-3,8"), masks ("ff", "00000000,000000ff") and systemd's AllowedCPUs ("0-3 8").

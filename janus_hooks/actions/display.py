@@ -3,17 +3,29 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from janus_hooks.actions.base import Action, Context, wait_until
 from janus_hooks.errors import JanusError, StepFailed
 from janus_hooks.host.runner import check
-from janus_hooks.schema import DEV_NODE, SESSION, UNIT, argv, boolean, integer, list_of, pattern
+from janus_hooks.host.sysfs import DEV_NODE
+from janus_hooks.schema import SESSION, UNIT, argv, boolean, integer, list_of, pattern
 
 SEAT = pattern(r"(seat[A-Za-z0-9_-]{1,60})?", "a logind seat name (seat0)")
 
 log = logging.getLogger(__name__)
+
+
+def _wait_or_warn(ctx: Context, done: Callable[[], bool], timeout: float, what: str, suffix: str) -> float | None:
+    """``wait_until``, but a wait that runs out is a warning (``suffix`` says what happens anyway): the seconds
+    waited, or None."""
+    try:
+        return wait_until(ctx, done, timeout, what)
+    except StepFailed as err:
+        ctx.warn(f"{err}{suffix}")
+        return None
 
 
 @dataclass(frozen=True)
@@ -53,13 +65,12 @@ class StopUnit(Action):
         # What is reverted after this (the user units the plan stopped first: PipeWire, an application with the
         # card open) must find the session back: the compositor master of the card before any application
         # opens it, and logind's ACLs giving the user the audio nodes before WirePlumber looks for them.
-        try:
-            waited = wait_until(ctx, lambda: ctx.services.seat_has_active_session(self.seat),
-                                ctx.config.timeouts.unit_stop, f"a session becoming active on {self.seat}")
+        # A display manager showing its greeter is back too: the user's units start anyway.
+        waited = _wait_or_warn(ctx, lambda: ctx.services.seat_has_active_session(self.seat),
+                               ctx.config.timeouts.unit_stop, f"a session becoming active on {self.seat}",
+                               f" after starting {self.unit}")
+        if waited is not None:
             log.info("a session is active on %s %.0f ms after %s started", self.seat, waited * 1000, self.unit)
-        except StepFailed as err:
-            # A display manager showing its greeter is back too; the user's units start anyway.
-            ctx.warn(f"{err} after starting {self.unit}")
 
     def _wait_for_seat(self, ctx: Context) -> None:
         # The driver is back by now (undone first), but logind counts the card only once udev tagged it for
@@ -75,13 +86,12 @@ class StopUnit(Action):
                 ok = False
             if not ok:
                 ctx.warn(f"udev did not settle within {timeout:g} s before starting {self.unit}")
-        try:
-            waited = wait_until(ctx, lambda: ctx.services.can_graphical(self.seat), ctx.config.timeouts.driver,
-                                f"{self.seat} becoming able to draw (logind's CanGraphical)")
+        # Starting it anyway is the better bet: the display manager may still find the card.
+        waited = _wait_or_warn(ctx, lambda: ctx.services.can_graphical(self.seat), ctx.config.timeouts.driver,
+                               f"{self.seat} becoming able to draw (logind's CanGraphical)",
+                               f"; starting {self.unit} anyway")
+        if waited is not None:
             log.info("%s can draw again after %.0f ms", self.seat, waited * 1000)
-        except StepFailed as err:
-            # Starting it anyway is the better bet: the display manager may still find the card.
-            ctx.warn(f"{err}; starting {self.unit} anyway")
 
 
 @dataclass(frozen=True)

@@ -24,10 +24,13 @@ from janus_hooks.host.model import (
 )
 from janus_hooks.host.paths import resolve_beneath
 from janus_hooks.host.storage import BackingDevice, StorageMap
+from janus_hooks.schema import pattern
 
 # Device nodes through which a process keeps a GPU busy, or its audio function (snd_hda_intel's unbind waits
 # until every file of the card is closed).
 GPU_NODE_PREFIXES = ("/dev/dri/", "/dev/nvidia", "/dev/kfd", "/dev/snd/")
+# What a journal may record as a device node: a path under /dev with no "." or ".." component.
+DEV_NODE = pattern(r"/dev/(?!.*(^|/)\.\.?(/|$))[A-Za-z0-9_][A-Za-z0-9_.:/+-]*", "a device node under /dev", 128)
 # A sound card's nodes, as its sysfs directory names them (sound/card0/controlC0 -> /dev/snd/controlC0).
 SOUND_NODE_PREFIXES = ("controlC", "pcmC", "hwC", "midiC")
 
