@@ -3,9 +3,6 @@ restored, crash-safe); without the module a single-GPU start is refused unless t
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,11 +11,10 @@ from janus_hooks.domain import parse_domain
 from janus_hooks.gpu.amdgpu import NEEDS_VENDOR_RESET, vendor_reset_family
 from janus_hooks.hook import MAX_LINE
 from tests.conftest import FAST_TIMEOUTS, FakeHost, domain_xml
-from tests.core.helpers import assert_same_tree, diff
+from tests.core.helpers import assert_same_tree, diff, kill_hook_at
 from tests.fake import hosts
 from tests.hostile import tally
 
-REPO = Path(__file__).resolve().parents[2]
 XML = domain_xml(hostdevs=hosts.POLARIS_FUNCTIONS)
 RESET_FILE = f"sys/bus/pci/devices/{hosts.POLARIS_GPU}/reset_method"
 REFUSAL = (f"janus-hooks: VM 'win11': GPU {hosts.POLARIS_GPU} (Polaris 10) only resets with vendor-reset, which "
@@ -87,11 +83,7 @@ def test_kill_9_at_every_point_then_release_restores(tmp_path, event):
     for step in range(steps):
         h = _polaris(tmp_path / f"{event}-{step}")
         before = h.snapshot()
-        child = subprocess.run(
-            [sys.executable, "-m", "tests.core.crash_child", str(h.root), "win11", str(xml_file), event, str(step)],
-            cwd=REPO, capture_output=True, text=True, timeout=120,
-        )
-        assert child.returncode == -signal.SIGKILL, child.stderr
+        kill_hook_at(h.root, "win11", xml_file, event, step)
         code, err = h.hook("win11", "release", "end", XML)
         assert code == 0, f"{event} {step}: {err}"
         tally.check_host(before, h.snapshot())

@@ -6,7 +6,6 @@ it was before the VM started.
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 
 from janus_hooks.domain import parse_domain
 from tests.conftest import FAST_TIMEOUTS, FakeHost, domain_xml
-from tests.core.helpers import assert_same_tree, diff
+from tests.core.helpers import assert_same_tree, diff, kill_hook_at
 from tests.fake import hosts
 from tests.hostile import tally
 
@@ -44,11 +43,7 @@ def test_kill_9_at_every_point_then_release_restores(fake, tmp_path, event):
         before = h.snapshot()
         xml_file = tmp_path / "domain.xml"
         xml_file.write_text(XML)
-        child = subprocess.run(
-            [sys.executable, "-m", "tests.core.crash_child", str(root), "win11", str(xml_file), event, str(step)],
-            cwd=REPO, capture_output=True, text=True, timeout=60,
-        )
-        assert child.returncode == -signal.SIGKILL, child.stderr
+        kill_hook_at(root, "win11", xml_file, event, step, timeout=60)
         assert h.journal_vms() == ["win11"]
         # libvirt calls release end even when the start failed half-way.
         code, err = h.hook("win11", "release", "end", XML)

@@ -4,19 +4,15 @@ each time the host tree ends byte-identical to what it was before the start."""
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from janus_hooks.domain import parse_domain
 from tests.conftest import FAST_TIMEOUTS, FakeHost, domain_xml
-from tests.core.helpers import assert_same_tree
+from tests.core.helpers import assert_same_tree, kill_hook_at
 from tests.fake import hosts
 
-REPO = Path(__file__).resolve().parents[2]
 XML = domain_xml(hostdevs=hosts.DESKTOP_FUNCTIONS, hugepages=True, memory_mib=1024)
 
 
@@ -42,11 +38,7 @@ def test_kill_9_at_every_point_then_release_restores(tmp_path, event):
     for step in range(steps):
         h = _desktop(tmp_path / f"{event}-{step}")
         before = h.snapshot()
-        child = subprocess.run(
-            [sys.executable, "-m", "tests.core.crash_child", str(h.root), "win11", str(xml_file), event, str(step)],
-            cwd=REPO, capture_output=True, text=True, timeout=120,
-        )
-        assert child.returncode == -signal.SIGKILL, child.stderr
+        kill_hook_at(h.root, "win11", xml_file, event, step)
         code, err = h.hook("win11", "release", "end", XML)
         assert code == 0, f"{event} {step}: {err}"
         assert_same_tree(before, h.snapshot())

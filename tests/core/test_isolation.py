@@ -8,9 +8,6 @@ real one does: tree comparisons leave ``run/systemd/system.control`` out and che
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,13 +16,12 @@ from janus_hooks.actions import MoveIrqs, RestrictCgroupCpus, RestrictUnitCpus, 
 from janus_hooks.domain import parse_domain
 from janus_hooks.errors import ConfigError
 from tests.conftest import FAST_TIMEOUTS, FakeHost, domain_xml
-from tests.core.helpers import diff
+from tests.core.helpers import diff, kill_hook_at
 from tests.fake import hosts
 from tests.fake.builder import BOOT_ID
 from tests.fake.kernel import FakeKernel
 from tests.fake.services import FakeServices
 
-REPO = Path(__file__).resolve().parents[2]
 DROPINS = "run/systemd/system.control"
 UNITS = ("system.slice", "user.slice", "init.scope")
 CPU_ALL = FAST_TIMEOUTS + "\n[cpu]\ngovernor = \"performance\"\nworkqueues = true\n"
@@ -373,11 +369,7 @@ def test_a_journal_from_before_a_reboot_holds_no_cores(pinned):
 def _crash(tmp_path: Path, root: Path, vm: str, xml: str, event: str, step: int) -> None:
     xml_file = tmp_path / f"{vm}.xml"
     xml_file.write_text(xml)
-    child = subprocess.run(
-        [sys.executable, "-m", "tests.core.crash_child", str(root), vm, str(xml_file), event, str(step)],
-        cwd=REPO, capture_output=True, text=True, timeout=60,
-    )
-    assert child.returncode == -signal.SIGKILL, child.stderr
+    kill_hook_at(root, vm, xml_file, event, step, timeout=60)
 
 
 @pytest.mark.parametrize("event", ["intent", "applied"])
