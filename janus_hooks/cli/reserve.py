@@ -38,6 +38,18 @@ def _finish(env: Env, root: Path, changes: list[res.FileChange]) -> None:
         warn(f"{' '.join(res.UPDATE_INITRAMFS)} failed: {result.reason()}; run it again before rebooting")
 
 
+def _carry_out(env: Env, root: Path, host_root: Path, changes: list[res.FileChange], dry_run: bool, yes: bool,
+               question: str) -> bool:
+    """Show the changes; unless it is a dry run, ask, apply them and rebuild the initramfs. True once applied."""
+    _show(changes, host_root)
+    if dry_run:
+        click.echo("Dry run: nothing was changed.")
+        return False
+    confirm(env, yes, question)
+    _finish(env, root, changes)
+    return True
+
+
 def _options(fn: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed((click.argument("address"), root_option,
                             click.option("--dry-run", is_flag=True, help="Show what would change; change nothing."),
@@ -68,14 +80,9 @@ def reserve(env: Env, address: str, root: Path, dry_run: bool, yes: bool) -> Non
     if not todo:
         click.echo(f"GPU {reservation.slot} is reserved already; nothing to do.")
         return
-    _show(todo, host.root)
-    if dry_run:
-        click.echo("Dry run: nothing was changed.")
-        return
-    confirm(env, yes, f"Reserve GPU {reservation.slot} for VMs?")
-    _finish(env, root, todo)
-    click.echo(f"GPU {reservation.slot} is reserved for VMs from the next boot on "
-               f"(undo: 'janus-hooks unreserve {reservation.slot}').")
+    if _carry_out(env, root, host.root, todo, dry_run, yes, f"Reserve GPU {reservation.slot} for VMs?"):
+        click.echo(f"GPU {reservation.slot} is reserved for VMs from the next boot on "
+                   f"(undo: 'janus-hooks unreserve {reservation.slot}').")
 
 
 @click.command(short_help="Give a reserved GPU back to its host driver at the next boot.")
@@ -88,10 +95,5 @@ def unreserve(env: Env, address: str, root: Path, dry_run: bool, yes: bool) -> N
     host = env.host(root)
     reservation, changes = res.plan_unreserve(host, address)
     todo = res.pending(changes)
-    _show(todo, host.root)
-    if dry_run:
-        click.echo("Dry run: nothing was changed.")
-        return
-    confirm(env, yes, f"Give GPU {reservation.slot} back to the host?")
-    _finish(env, root, todo)
-    click.echo(f"GPU {reservation.slot} goes to its host driver from the next boot on.")
+    if _carry_out(env, root, host.root, todo, dry_run, yes, f"Give GPU {reservation.slot} back to the host?"):
+        click.echo(f"GPU {reservation.slot} goes to its host driver from the next boot on.")
