@@ -66,6 +66,22 @@ def assert_restored(h: FakeHost, before: dict) -> None:
     assert all(h.services.unit_property(u, "AllowedCPUs") == "" for u in UNITS)
 
 
+def assert_back(h: FakeHost, before: dict, state: dict, what: object = "") -> None:
+    """Everything isolation touched reads as before. Without systemd, one difference is the kernel's: a group
+    with processes in it may not go back to an empty cpuset (ENOSPC), so it gets every online core, the cores
+    its empty cpuset meant."""
+    if (h.root / "run/systemd/system").exists():
+        assert host_state(h) == state, what
+        assert_restored(h, before)
+        return
+    sshd = "sys/fs/cgroup/openrc.sshd/cpuset.cpus"
+    assert diff(before, h.snapshot()) in ([], [sshd]), what
+    assert h.read(sshd) in ("", "0-7"), what
+    now = host_state(h)
+    assert {k: v for k, v in now.items() if k != "cpuset openrc.sshd"} == {
+        k: v for k, v in state.items() if k != "cpuset openrc.sshd"}, what
+
+
 @pytest.fixture
 def pinned(tmp_path: Path):
     def make(config: str = CPU_ALL, root: Path | None = None, **kwargs) -> FakeHost:
@@ -162,6 +178,23 @@ def test_plan_lists_the_isolation_steps_after_the_gpu(pinned):
     ]
     # Both threads of cores 2 and 3 go to the VM: no SMT note.
     assert not any("SMT" in n for n in plan.notes)
+
+
+@pytest.mark.parametrize(("cpu", "kinds"), [
+    # The defaults: IRQs moved, governor and workqueue masks left alone.
+    ("", ["restrict-unit-cpus"] * 3 + ["stop-irqbalance", "restrict-default-irq-affinity", "move-irqs"]),
+    ("irqs = false\n", ["restrict-unit-cpus"] * 3),
+    ("irqs = false\nworkqueues = true\n", ["restrict-unit-cpus"] * 3 + ["restrict-workqueues"] * 2),
+    ("irqs = false\ngovernor = \"performance\"\n", ["restrict-unit-cpus"] * 3 + ["set-governor"]),
+])
+def test_each_cpu_key_adds_its_steps(pinned, cpu, kinds):
+    h = pinned(config=FAST_TIMEOUTS + "\n[cpu]\n" + cpu)
+    plan = _plan(h, vm_xml())
+    assert [a.kind for a in plan.actions] == kinds
+    assert h.hook("win11", "prepare", "begin", vm_xml()) == (0, "")
+    state = h.janus().store.read("win11")
+    assert [s.action.kind for s in state.steps] == kinds
+    assert h.hook("win11", "release", "end", vm_xml()) == (0, "")
 
 
 def test_plan_notes_smt_siblings_left_to_the_host(pinned):
@@ -372,15 +405,32 @@ def _crash(tmp_path: Path, root: Path, vm: str, xml: str, event: str, step: int)
     kill_hook_at(root, vm, xml_file, event, step, timeout=60)
 
 
+def _nth_call_fails(nth: int):
+    """A systemctl that fails its ``nth`` call only (a unit that would not take the change, a timeout)."""
+    seen = [0]
+
+    def fault(call: str, target: str) -> bool:
+        seen[0] += 1
+        return seen[0] == nth
+
+    return fault
+
+
+def _services_calls(h: FakeHost) -> int:
+    return len(h.services.calls)
+
+
 @pytest.mark.parametrize("event", ["intent", "applied"])
-@pytest.mark.parametrize("other_running", [False, True])
-def test_kill_9_at_every_isolation_point_then_release_restores(pinned, tmp_path, event, other_running):
+@pytest.mark.parametrize(("systemd", "other_running"), [(True, False), (True, True), (False, False), (False, True)])
+def test_kill_9_at_every_isolation_point_then_release_restores(pinned, tmp_path, event, systemd, other_running):
     xml = vm_xml(vcpus="2,6")
     other = vm_xml("other", vcpus="3")
-    steps = len(_plan(pinned(root=tmp_path / "probe"), xml).actions)
-    assert steps == 9
+    steps = len(_plan(pinned(root=tmp_path / "probe", systemd=systemd), xml).actions)
+    # systemd: AllowedCPUs x3, governor, irqbalance, default IRQ affinity, IRQs, 2 workqueue masks;
+    # without it: the two top-level groups' cpuset.cpus instead of the units, no irqbalance unit to stop.
+    assert steps == (9 if systemd else 7)
     for step in range(steps):
-        h = pinned(root=tmp_path / f"{event}-{step}")
+        h = pinned(root=tmp_path / f"{event}-{step}", systemd=systemd)
         before, state = h.snapshot(), host_state(h)
         if other_running:
             assert h.hook("other", "prepare", "begin", other) == (0, "")
@@ -392,52 +442,77 @@ def test_kill_9_at_every_isolation_point_then_release_restores(pinned, tmp_path,
         if other_running:
             assert host_state(h) == state_other, f"{event} {step}"
             assert h.hook("other", "release", "end", other) == (0, "")
-        assert host_state(h) == state, f"{event} {step}"
-        assert_restored(h, before)
-
-
-def test_fault_at_every_kernel_write_and_systemctl_call_rolls_back(pinned, tmp_path):
-    xml = vm_xml(vcpus="2,6")
-    probe = pinned(root=tmp_path / "probe")
-    assert probe.hook("win11", "prepare", "begin", xml) == (0, "")
-    writes = probe.kernel.ops
-    calls = [c for c in probe.services.calls if c[0] in ("stop", "set-property")]
-    assert writes >= 10 and len(calls) == 4
-    faults = [("kernel", n) for n in range(1, writes + 1)] + [("systemctl", c) for c in calls]
-    for n, (where, which) in enumerate(faults):
-        h = pinned(root=tmp_path / f"fault-{n}")
-        before, state = h.snapshot(), host_state(h)
-        if where == "kernel":
-            h.kernel = FakeKernel(h.root, fail_at=which)
-        else:
-            h.services = FakeServices(h.root, fault=lambda call, target, w=which: (call, target) == w)
-        code, err = h.hook("win11", "prepare", "begin", xml)
-        assert code == 1 and "injected fault" in err and "\n" not in err, (where, which, err)
-        assert host_state(h) == state, (where, which)
-        assert_restored(h, before)
+        assert_back(h, before, state, (event, step))
         assert h.journal_vms() == []
 
 
-def test_fault_during_release_keeps_the_journal_until_a_later_release(pinned, tmp_path):
+def test_kill_9_then_the_next_start_recovers_first(pinned, tmp_path):
+    h = pinned()
+    before, state = h.snapshot(), host_state(h)
     xml = vm_xml(vcpus="2,6")
-    probe = pinned(root=tmp_path / "probe")
+    _crash(tmp_path, h.root, "win11", xml, "applied", 6)  # IRQs moved, workqueues not yet
+    assert h.services.unit_property("system.slice", "AllowedCPUs") == "0-1 3-5 7"
+    # libvirt may not have called release end (libvirtd killed with it): the next prepare undoes first.
+    assert h.hook("win11", "prepare", "begin", xml) == (0, "")
+    assert len(h.janus().store.read("win11").steps) == 9
+    assert h.hook("win11", "release", "end", xml) == (0, "")
+    assert host_state(h) == state
+    assert_restored(h, before)
+
+
+@pytest.mark.parametrize("systemd", [True, False])
+def test_fault_at_every_kernel_write_and_systemctl_call_rolls_back(pinned, tmp_path, systemd):
+    xml = vm_xml(vcpus="2,6")
+    probe = pinned(root=tmp_path / "probe", systemd=systemd)
     assert probe.hook("win11", "prepare", "begin", xml) == (0, "")
-    start = probe.kernel.ops
+    writes, calls = probe.kernel.ops, _services_calls(probe)
+    if systemd:
+        # show and set-property for each of the three units, stop irqbalance.
+        assert writes >= 10 and {c[0] for c in probe.services.calls} == {"show", "set-property", "stop"}
+    else:
+        assert writes >= 8 and calls == 0
+    faults = [("kernel", n) for n in range(1, writes + 1)] + [("systemctl", n) for n in range(1, calls + 1)]
+    for where, nth in faults:
+        h = pinned(root=tmp_path / f"fault-{where}-{nth}", systemd=systemd)
+        before, state = h.snapshot(), host_state(h)
+        if where == "kernel":
+            h.kernel = FakeKernel(h.root, fail_at=nth)
+        else:
+            h.services = FakeServices(h.root, fault=_nth_call_fails(nth))
+        code, err = h.hook("win11", "prepare", "begin", xml)
+        assert code == 1 and "injected fault" in err and "\n" not in err, (where, nth, err)
+        h.kernel, h.services = FakeKernel(h.root), FakeServices(h.root)
+        assert_back(h, before, state, (where, nth))
+        assert h.journal_vms() == []
+
+
+@pytest.mark.parametrize("systemd", [True, False])
+def test_fault_during_release_keeps_the_journal_until_a_later_release(pinned, tmp_path, systemd):
+    xml = vm_xml(vcpus="2,6")
+    probe = pinned(root=tmp_path / "probe", systemd=systemd)
+    assert probe.hook("win11", "prepare", "begin", xml) == (0, "")
+    start, calls_start = probe.kernel.ops, _services_calls(probe)
     assert probe.hook("win11", "release", "end", xml) == (0, "")
-    writes = probe.kernel.ops - start
+    writes, calls = probe.kernel.ops - start, _services_calls(probe) - calls_start
     assert writes >= 8
-    for nth in range(1, writes + 1):
-        h = pinned(root=tmp_path / f"release-fault-{nth}")
+    if systemd:
+        # Each unit read and given back, irqbalance started again.
+        assert {c[0] for c in probe.services.calls[calls_start:]} == {"show", "set-property", "start"}
+    faults = [("kernel", n) for n in range(1, writes + 1)] + [("systemctl", n) for n in range(1, calls + 1)]
+    for where, nth in faults:
+        h = pinned(root=tmp_path / f"release-fault-{where}-{nth}", systemd=systemd)
         before, state = h.snapshot(), host_state(h)
         assert h.hook("win11", "prepare", "begin", xml) == (0, "")
-        h.kernel = FakeKernel(h.root, fail_at=nth)
+        if where == "kernel":
+            h.kernel = FakeKernel(h.root, fail_at=nth)
+        else:
+            h.services = FakeServices(h.root, fault=_nth_call_fails(nth))
         code, err = h.hook("win11", "release", "end", xml)
-        assert code == 1 and "could not be reverted" in err, nth
+        assert code == 1 and "could not be reverted" in err and "\n" not in err, (where, nth, err)
         assert h.journal_vms() == ["win11"]
-        h.kernel = FakeKernel(h.root)
-        assert h.hook("win11", "release", "end", xml) == (0, ""), nth
-        assert host_state(h) == state, nth
-        assert_restored(h, before)
+        h.kernel, h.services = FakeKernel(h.root), FakeServices(h.root)
+        assert h.hook("win11", "release", "end", xml) == (0, ""), (where, nth)
+        assert_back(h, before, state, (where, nth))
 
 
 def test_irqs_the_kernel_refuses_are_recorded_and_left_alone(pinned):

@@ -209,6 +209,10 @@ class FakeServices:
         return self.root / "run/systemd/system.control" / f"{unit}.d" / f"50-{name}.conf"
 
     def unit_property(self, unit: str, name: str) -> str:
+        self._call("show", f"{unit} {name}")
+        return self._property(unit, name)
+
+    def _property(self, unit: str, name: str) -> str:
         path = self._dropin(unit, name)
         if not path.exists():
             return ""
@@ -233,7 +237,7 @@ class FakeServices:
                                         f"{name}={value}\n")
         controllers = (cgroup / "cgroup.subtree_control").read_text().split()
         groups = [g.name for g in sorted(cgroup.iterdir()) if g.is_dir()]
-        needed = any(self.unit_property(g, name) for g in groups)
+        needed = any(self._property(g, name) for g in groups)
         if needed and "cpuset" not in controllers:
             controllers.append("cpuset")
             for g in groups:
