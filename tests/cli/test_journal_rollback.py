@@ -320,3 +320,40 @@ def test_commands_load_lazily_and_only_the_agent_runs_asyncio():
     started, heavy = json.loads(out.stdout)
     assert started == [], "the agent's command loads what it does not need"
     assert heavy == [], "a command module loads asyncio or an event source at import"
+
+
+def test_rollback_puts_back_what_cpu_isolation_changed(make_cli):
+    from tests.conftest import FAST_TIMEOUTS
+    from tests.fake import hosts
+
+    c = make_cli(hosts.pinned_nvidia)
+    c.fake.config(FAST_TIMEOUTS + "\n[cpu]\nworkqueues = true\n")
+    before = c.fake.snapshot()
+    xml = domain_xml(mode="passthrough", isolate="yes", vcpu="<vcpu placement='static'>1</vcpu>",
+                     cputune="<cputune><vcpupin vcpu='0' cpuset='2'/></cputune>")
+
+    def observer(event: str, index: int) -> None:
+        if event == "applied" and index == 5:  # AllowedCPUs x3, irqbalance, default IRQ affinity, IRQs
+            raise Crash
+
+    with pytest.raises(Crash):
+        c.fake.janus(observer=observer).prepare(parse_domain(xml))
+    assert c.fake.services.unit_property("system.slice", "AllowedCPUs") == "0-1 3-7"
+    dry = c("rollback", "win11", "--dry-run")
+    assert dry.output.splitlines()[1:] == [
+        "  undo move IRQ affinities off cores 2",
+        "  undo keep new IRQs off cores 2 (default_smp_affinity)",
+        "  undo stop irqbalance.service while cores 2 are isolated",
+        "  undo keep init.scope off cores 2 (AllowedCPUs, runtime)",
+        "  undo keep user.slice off cores 2 (AllowedCPUs, runtime)",
+        "  undo keep system.slice off cores 2 (AllowedCPUs, runtime)",
+    ]
+    result = c("rollback", "win11")
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == "VM 'win11': 6 change(s) reverted; the journal is closed."
+    after = c.fake.snapshot()
+    # systemd keeps an emptied runtime drop-in once a property was set; AllowedCPUs itself reads as before.
+    assert [k for k in set(before) | set(after)
+            if before.get(k) != after.get(k) and not k.startswith("run/systemd/system.control")] == []
+    assert all(c.fake.services.unit_property(u, "AllowedCPUs") == "" for u in ("system.slice", "user.slice",
+                                                                                "init.scope"))
