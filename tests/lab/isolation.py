@@ -99,6 +99,25 @@ def vcpu_threads(vm: str) -> dict[str, str | None]:
     return found
 
 
+def allowed_cpus_dropins() -> dict[str, str]:
+    """Every file systemd keeps below /run/systemd (gone at reboot) or /etc/systemd (kept) that carries
+    AllowedCPUs: where ``systemctl set-property`` put what it was given."""
+    found: dict[str, str] = {}
+    for top in ("/run/systemd", "/etc/systemd"):
+        for dirpath, _dirs, files in os.walk(top):
+            for name in files:
+                path = Path(dirpath, name)
+                try:
+                    if not path.is_file() or path.stat().st_size > 65536:
+                        continue
+                    text = path.read_text(errors="replace")
+                except OSError:
+                    continue
+                if "AllowedCPUs" in text:
+                    found[str(path)] = text.strip()
+    return found
+
+
 def host_state() -> dict:
     irqs = {}
     for entry in sorted(os.listdir("/proc/irq"), key=lambda n: int(n) if n.isdigit() else -1):
@@ -119,6 +138,7 @@ def host_state() -> dict:
         "logind_cpus": cpus_allowed(f"/proc/{logind}") if logind else None,
         "weston_cpus": cpus_allowed(f"/proc/{pid}") if (pid := pid_of("weston")) else None,
         "vcpu_threads": {vm: vcpu_threads(vm) for vm in VMS},
+        "dropins": allowed_cpus_dropins(),
         "journals_open": sorted(vm for vm in VMS if journal(vm).exists()),
     }
 
@@ -172,6 +192,10 @@ def main() -> int:
         record(result, "one")
         start(conn, second, result, domains)
         record(result, "both")
+        check = subprocess.run([str(scenario.VENV_BIN / "janus-hooks"), "check", "--json"], capture_output=True,
+                               text=True, timeout=180, check=False)
+        result["check_both"] = check.stdout
+        say(f"check: {check.stdout[-1500:]} {check.stderr[-500:]}")
         destroy(domains[0], first, result)
         record(result, "second")
         destroy(domains[1], second, result)

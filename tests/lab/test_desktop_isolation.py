@@ -85,12 +85,42 @@ def test_a_vm_pinned_to_core_1_moves_the_host_off_it(isolated):
     assert set(one["vcpu_threads"][FIRST].values()) == {"1"}
 
 
+def test_plan_shows_the_isolation_steps_read_from_the_real_host(isolated):
+    plan = isolated["plan"].splitlines()
+    assert plan[0].startswith("VM 'lab-isolated' (passthrough):"), plan
+    steps = [line.split(". ", 1)[1] for line in plan[1:] if line.startswith("  ") and ". " in line]
+    assert steps[:3] == [f"keep {unit} off cores 1 (AllowedCPUs, runtime)" for unit in UNITS]
+    assert "move IRQ affinities off cores 1" in steps
+    assert "keep new IRQs off cores 1 (default_smp_affinity)" in steps
+
+
+def test_allowed_cpus_is_set_for_this_boot_only(isolated):
+    """systemd keeps a runtime property below /run (gone at reboot), never below /etc. (For the slices it is a
+    drop-in; systemd 252 left no file at all for init.scope.)"""
+    for when in ("before", "one", "both", "second", "after"):
+        assert not [p for p in isolated[when]["dropins"] if not p.startswith("/run/")], when
+    one = isolated["one"]["dropins"]
+    for unit in ("system.slice", "user.slice"):
+        values = [text for path, text in one.items() if f"/{unit}.d/" in path]
+        assert values and all(v.endswith("AllowedCPUs=0 2") for v in values), (unit, one)
+
+
 def test_a_second_vm_on_core_2_leaves_the_host_core_0(isolated):
     both = isolated["both"]
     assert both["journals_open"] == [FIRST, SECOND]
     assert_host_keeps(both, {0}, _refused(isolated, FIRST) | _refused(isolated, SECOND))
     assert set(both["vcpu_threads"][FIRST].values()) == {"1"}
     assert set(both["vcpu_threads"][SECOND].values()) == {"2"}
+
+
+def test_check_reports_each_running_isolated_vm_and_what_the_host_keeps(isolated):
+    checks = json.loads(isolated["check_both"])["checks"]
+    found = [(c["name"], c["status"], c["detail"]) for c in checks if c["name"] in ("isolation", "pinning", "shared")]
+    assert found[0][:2] == ("isolation", "ok") and "systemd AllowedCPUs" in found[0][2], found
+    assert found[1:] == [
+        ("pinning", "ok", f"VM {FIRST!r} runs isolated on cores 1; the host keeps 0"),
+        ("pinning", "ok", f"VM {SECOND!r} runs isolated on cores 2; the host keeps 0"),
+    ]
 
 
 def test_the_first_release_gives_back_its_core_only(isolated):
