@@ -339,38 +339,74 @@ def host_checks(host: Host, probe: Probe, config_error: str | None) -> list[Chec
 
 
 # --- CPU isolation ------------------------------------------------------------------------------------------
-def cpu_checks(host: Host, config: Config, claims: dict[str, frozenset[int]]) -> list[Check]:
-    """Whether isolation can work here, and for each running isolated VM: its cores, SMT siblings it
-    leaves to the host, cores it shares with another running VM. Silent on a host that neither can nor
-    is asked to isolate."""
-    cgroup2 = host.cgroup2()
-    if not cgroup2 and not claims:
-        if config.cpu.isolate:
-            return [Check("isolation", WARN, "cpu.isolate is on, but this host has no cgroup v2 (unified) "
-                                             "hierarchy: VMs start without CPU isolation")]
-        return []
+def cpu_checks(host: Host, config: Config, claims: dict[str, frozenset[int]],
+               vcpus: dict[str, frozenset[int]] | None = None) -> list[Check]:
+    """Whether isolation can work here, and for each running managed VM: the cores it is isolated on
+    (``claims``, from the open journals) or its vCPU threads are pinned to (``vcpus``, read from the kernel),
+    SMT siblings it leaves to the host, cores it shares with another running VM, vCPU threads that may run
+    outside the cores isolated for them. Silent on a host that neither can nor is asked to isolate and runs
+    no pinned VM."""
+    vcpus = vcpus or {}
     online = host.cpus_online()
-    how = ("systemd AllowedCPUs on system.slice, user.slice, init.scope" if host.systemd_running()
-           else "cpuset.cpus of the top-level cgroups")
-    state = "on for every pinned VM" if config.cpu.isolate else "per VM (isolate=\"yes\")"
-    checks = [Check("isolation", OK, f"cgroup v2, {how}; {len(online)} cores online ({format_cpulist(online)}); "
-                                     f"{state}")]
-    for vm, cores in sorted(claims.items()):
-        host_cores = online - frozenset().union(*claims.values())
-        checks.append(Check("pinning", OK, f"VM {vm!r} runs isolated on cores {format_cpulist(cores)}; "
-                                           f"the host keeps {format_cpulist(host_cores) or 'no core'}"))
+    # A VM whose vCPU threads may run on every online core is not pinned: nothing to say about it.
+    pinned = {vm: cores for vm, cores in vcpus.items() if not online <= cores}
+    checks: list[Check] = []
+    if host.cgroup2():
+        how = ("systemd AllowedCPUs on system.slice, user.slice, init.scope" if host.systemd_running()
+               else "cpuset.cpus of the top-level cgroups")
+        state = "on for every pinned VM" if config.cpu.isolate else "per VM (isolate=\"yes\")"
+        checks.append(Check("isolation", OK, f"cgroup v2, {how}; {len(online)} cores online "
+                                             f"({format_cpulist(online)}); {state}"))
+    elif config.cpu.isolate:
+        checks.append(Check("isolation", WARN, "cpu.isolate is on, but this host has no cgroup v2 (unified) "
+                                               "hierarchy: VMs start without CPU isolation"))
+    elif not claims and not pinned:
+        return []
+    held = frozenset().union(*claims.values()) if claims else frozenset()
+    cores_of = {**pinned, **claims}
+    for vm, cores in sorted(cores_of.items()):
+        if vm in claims:
+            checks.append(Check("pinning", OK, f"VM {vm!r} runs isolated on cores {format_cpulist(cores)}; "
+                                               f"the host keeps {format_cpulist(online - held) or 'no core'}"))
+            stray = vcpus.get(vm, cores) - cores
+            if stray:
+                checks.append(Check("pinning", WARN, f"VM {vm!r}: its vCPU threads may also run on cores "
+                                                     f"{format_cpulist(stray)}, outside the cores isolated for it "
+                                                     "(were its pins changed while it runs?)"))
+        else:
+            checks.append(Check("pinning", OK, f"VM {vm!r} runs its vCPUs on cores {format_cpulist(cores)}, not "
+                                               "isolated: the host's work may run there too"))
         split = sorted({s for c in cores for s in host.cpu_siblings(c) if s not in cores})
         if split:
             checks.append(Check("smt", WARN, f"VM {vm!r}: SMT siblings {format_cpulist(split)} of its cores stay "
                                              "with the host (they share caches and pipelines with the VM)"))
-    names = sorted(claims)
+    names = sorted(cores_of)
     for i, first in enumerate(names):
         for second in names[i + 1:]:
-            shared = claims[first] & claims[second]
+            shared = cores_of[first] & cores_of[second]
             if shared:
                 checks.append(Check("shared", WARN, f"cores {format_cpulist(shared)} are pinned by both running "
                                                     f"VMs {first!r} and {second!r}"))
     return checks
+
+
+def running_vcpu_cpus(host: Host, store: JournalStore) -> dict[str, frozenset[int]]:
+    """The running managed VMs (an open journal of this boot, their QEMU alive) and the cores their vCPU
+    threads may run on. A journal that cannot be read is the journal command's to report."""
+    boot_id = host.boot_id()
+    found: dict[str, frozenset[int]] = {}
+    for vm in store.vms():
+        try:
+            state = store.read(vm)
+        except (JanusError, OSError):
+            continue
+        if state is None or state.boot_id != boot_id:
+            continue
+        pid = host.vm_process(vm)
+        cores = host.vcpu_cpus(pid) if pid is not None else None
+        if cores:
+            found[vm] = cores
+    return found
 
 
 def run_check(host: Host, probe: Probe, read_config: Callable[[], Config] | None = None) -> Report:
@@ -382,7 +418,7 @@ def run_check(host: Host, probe: Probe, read_config: Callable[[], Config] | None
         config, config_error = Config(), str(err)
     report = Report(host_checks(host, probe, config_error))
     store = JournalStore(host.state_dir(), listdir=host.list_dir)
-    report.checks += cpu_checks(host, config, store.cpu_claims(host.boot_id()))
+    report.checks += cpu_checks(host, config, store.cpu_claims(host.boot_id()), running_vcpu_cpus(host, store))
     snap = HostSnapshot.read(host, claims=store.claims(), units_of_interest=config.stop_units)
     report.gpus = [gpu_verdict(snap, config, g) for g in gpus(snap)]
     if not report.gpus:

@@ -690,6 +690,30 @@ class Host:
                     return pid
         return None
 
+    def vcpu_cpus(self, pid: int) -> frozenset[int] | None:
+        """The cores the vCPU threads of QEMU ``pid`` may run on, as the kernel enforces it now (libvirt's pins
+        and its cgroup's cpuset together): the union of the ``Cpus_allowed_list`` of the threads QEMU names
+        "CPU <n>/KVM" ("/TCG" without KVM). None when ``pid`` has no such thread (gone, not QEMU)."""
+        tasks = self.path("proc", str(pid), "task")
+        try:
+            tids = os.listdir(tasks)
+        except OSError:
+            return None
+        cores: set[int] = set()
+        found = False
+        for tid in tids:
+            comm = _read(tasks / tid / "comm")
+            if not (comm.startswith("CPU ") and "/" in comm):
+                continue
+            for line in _read(tasks / tid / "status").splitlines():
+                if line.startswith("Cpus_allowed_list:"):
+                    try:
+                        cores |= parse_cpulist(line.split(":", 1)[1])
+                        found = True
+                    except ValueError:
+                        pass
+        return frozenset(cores) if found else None
+
 
 def _unit_of(cgroup: str) -> str | None:
     """The system unit a cgroup path belongs to (/system.slice/gdm.service -> gdm.service)."""

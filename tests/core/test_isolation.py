@@ -571,3 +571,55 @@ def test_check_is_silent_without_cgroup_v2_unless_isolation_is_asked_for(pinned,
     h.config(CPU_ALL + "isolate = true\n")
     assert _cpu_checks(h) == [("isolation", "warn", "cpu.isolate is on, but this host has no cgroup v2 (unified) "
                                                     "hierarchy: VMs start without CPU isolation")]
+
+
+def qemu(h: FakeHost, pid: int, vm: str, vcpus: dict[int, str]) -> None:
+    """A running QEMU for ``vm`` as libvirt starts it: its vCPU threads ("CPU n/KVM") and the cores the
+    kernel lets each run on; an I/O thread that may run anywhere."""
+    from tests.fake.world import spawn_process, write
+
+    spawn_process(h.root, {"pid": pid, "comm": "qemu-system-x86", "fds": []})
+    (h.root / f"proc/{pid}/cmdline").write_bytes(
+        f"/usr/bin/qemu-system-x86_64\0-name\0guest={vm},debug-threads=on\0".encode())
+    threads = {pid: ("qemu-system-x86", "0-7")} | {pid + 1 + n: (f"CPU {n}/KVM", cores) for n, cores in vcpus.items()}
+    for tid, (comm, cores) in threads.items():
+        write(h.root / f"proc/{pid}/task/{tid}/comm", comm + "\n")
+        write(h.root / f"proc/{pid}/task/{tid}/status", f"Name:\t{comm}\nCpus_allowed_list:\t{cores}\n")
+
+
+def test_check_reads_where_running_vms_vcpu_threads_may_run(pinned):
+    h = pinned()
+    # alpha isolated on 2-3; beta managed but not isolated, pinned to 3 and 7; gamma managed, not pinned.
+    assert h.hook("alpha", "prepare", "begin", vm_xml("alpha", vcpus="2,3")) == (0, "")
+    assert h.hook("beta", "prepare", "begin", vm_xml("beta", vcpus="3,7", isolate="no")) == (0, "")
+    gamma = domain_xml("gamma", mode="passthrough", vcpu="<vcpu>2</vcpu>")
+    assert h.hook("gamma", "prepare", "begin", gamma) == (0, "")
+    assert sorted(h.journal_vms()) == ["alpha", "beta", "gamma"]
+    qemu(h, 5000, "alpha", {0: "2", 1: "3"})
+    qemu(h, 5100, "beta", {0: "3", 1: "7"})
+    qemu(h, 5200, "gamma", {0: "0-7", 1: "0-7"})
+    assert _cpu_checks(h)[1:] == [
+        ("pinning", "ok", "VM 'alpha' runs isolated on cores 2-3; the host keeps 0-1,4-7"),
+        ("smt", "warn", "VM 'alpha': SMT siblings 6-7 of its cores stay with the host (they share caches and "
+                        "pipelines with the VM)"),
+        ("pinning", "ok", "VM 'beta' runs its vCPUs on cores 3,7, not isolated: the host's work may run there too"),
+        ("shared", "warn", "cores 3 are pinned by both running VMs 'alpha' and 'beta'"),
+    ]
+    # alpha's vCPU threads were let onto other cores behind janus-hooks' back (virsh vcpupin on a live VM).
+    qemu(h, 5000, "alpha", {0: "2", 1: "1-3"})
+    assert ("pinning", "warn", "VM 'alpha': its vCPU threads may also run on cores 1, outside the cores isolated "
+                               "for it (were its pins changed while it runs?)") in _cpu_checks(h)
+    # A QEMU gone, or a journal from before a reboot: not running, nothing said about its pins.
+    for pid in (5000, 5100, 5200):
+        for path in sorted((h.root / f"proc/{pid}").rglob("*"), reverse=True):
+            path.unlink() if not path.is_dir() or path.is_symlink() else path.rmdir()
+    assert [c[0] for c in _cpu_checks(h)] == ["isolation", "pinning", "smt"]  # alpha's journal still claims 2-3
+
+
+def test_check_without_cgroup_v2_still_reports_a_pinned_running_vm(pinned):
+    h = pinned(cgroup2=False)
+    assert h.hook("beta", "prepare", "begin", vm_xml("beta", vcpus="3,7", isolate="no")) == (0, "")
+    assert _cpu_checks(h) == []
+    qemu(h, 5100, "beta", {0: "3", 1: "7"})
+    assert _cpu_checks(h) == [
+        ("pinning", "ok", "VM 'beta' runs its vCPUs on cores 3,7, not isolated: the host's work may run there too")]

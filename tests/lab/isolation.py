@@ -3,8 +3,9 @@
     tests/lab/run --flavour desktop --smp 3 -- .venv/bin/python tests/lab/isolation.py
 
 Two managed VMs with no GPU, each with one vCPU pinned to its own core (1 and 2) and
-``<janus:profile isolate="yes">``, are started through libvirtd one after the other; the first is destroyed
-while the second runs, then the second. At each point everything is read from the real system: systemd's
+``<janus:profile isolate="yes">``, are started through libvirtd one after the other; while both run, a third
+managed VM that is not isolated runs pinned to core 2 and ``janus-hooks check --json`` is read; the first is
+destroyed while the second runs, then the second. At each point everything is read from the real system: systemd's
 AllowedCPUs (``systemctl show``), the cgroups' cpuset files, every IRQ's affinity, the default IRQ affinity,
 the workqueue cpumasks, which cores host processes and the VMs' vCPU threads may run on. Results go to
 $LAB_OUT/isolation.json.
@@ -24,6 +25,8 @@ import scenario
 from scenario import say, wait_for
 
 VMS = {"lab-isolated": 1, "lab-isolated-2": 2}  # VM -> its core; the host keeps core 0
+# Managed, pinned to the second VM's core, not isolated: runs while both others do, for check to see.
+PINNED = "lab-pinned"
 JOURNALS = Path("/var/lib/janus-hooks/journal")
 UNITS = ("system.slice", "user.slice", "init.scope")
 CONFIG = desktop.CONFIG + """
@@ -35,7 +38,7 @@ workqueues = true
 DOMAIN = """\
 <domain type='qemu'>
   <name>{vm}</name>
-  <metadata><janus:profile xmlns:janus='{ns}' mode='passthrough' isolate='yes'/></metadata>
+  <metadata><janus:profile xmlns:janus='{ns}' mode='passthrough' isolate='{isolate}'/></metadata>
   <memory unit='MiB'>64</memory>
   <vcpu placement='static'>1</vcpu>
   <cputune><vcpupin vcpu='0' cpuset='{core}'/></cputune>
@@ -78,7 +81,9 @@ def pid_of(comm: str) -> int | None:
 
 
 def domain(vm: str) -> str:
-    return DOMAIN.format(vm=vm, core=VMS[vm], ns=scenario.PROFILE_NS)
+    if vm == PINNED:
+        return DOMAIN.format(vm=vm, core=VMS["lab-isolated-2"], ns=scenario.PROFILE_NS, isolate="no")
+    return DOMAIN.format(vm=vm, core=VMS[vm], ns=scenario.PROFILE_NS, isolate="yes")
 
 
 def journal(vm: str) -> Path:
@@ -192,10 +197,13 @@ def main() -> int:
         record(result, "one")
         start(conn, second, result, domains)
         record(result, "both")
+        start(conn, PINNED, result, domains)
+        result["pinned_vcpu_threads"] = vcpu_threads(PINNED)
         check = subprocess.run([str(scenario.VENV_BIN / "janus-hooks"), "check", "--json"], capture_output=True,
                                text=True, timeout=180, check=False)
         result["check_both"] = check.stdout
         say(f"check: {check.stdout[-1500:]} {check.stderr[-500:]}")
+        destroy(domains[2], PINNED, result)
         destroy(domains[0], first, result)
         record(result, "second")
         destroy(domains[1], second, result)

@@ -26,6 +26,7 @@ FRESH = ("/etc/libvirt/hooks", "/etc/libvirt/qemu", "/etc/janus-hooks", "/var/li
          "/var/log/janus-hooks")
 UNITS = ("system.slice", "user.slice", "init.scope")
 FIRST, SECOND = "lab-isolated", "lab-isolated-2"  # pinned to cores 1 and 2
+PINNED = "lab-pinned"  # managed, not isolated, pinned to core 2 while both run
 
 
 @pytest.fixture(scope="module")
@@ -113,13 +114,18 @@ def test_a_second_vm_on_core_2_leaves_the_host_core_0(isolated):
     assert set(both["vcpu_threads"][SECOND].values()) == {"2"}
 
 
-def test_check_reports_each_running_isolated_vm_and_what_the_host_keeps(isolated):
+def test_check_reports_each_running_vms_cores_and_a_core_two_of_them_share(isolated):
+    """While both isolated VMs run, a third managed VM, not isolated, runs pinned to the second one's core 2:
+    check reads the real QEMUs' vCPU threads (libvirt pinned them) and the open journals."""
+    assert set(isolated["pinned_vcpu_threads"].values()) == {"2"}
     checks = json.loads(isolated["check_both"])["checks"]
     found = [(c["name"], c["status"], c["detail"]) for c in checks if c["name"] in ("isolation", "pinning", "shared")]
     assert found[0][:2] == ("isolation", "ok") and "systemd AllowedCPUs" in found[0][2], found
     assert found[1:] == [
         ("pinning", "ok", f"VM {FIRST!r} runs isolated on cores 1; the host keeps 0"),
         ("pinning", "ok", f"VM {SECOND!r} runs isolated on cores 2; the host keeps 0"),
+        ("pinning", "ok", f"VM {PINNED!r} runs its vCPUs on cores 2, not isolated: the host's work may run there too"),
+        ("shared", "warn", f"cores 2 are pinned by both running VMs {SECOND!r} and {PINNED!r}"),
     ]
 
 
