@@ -23,6 +23,10 @@ from janus_hooks.vm.request import (
     VIRT_TYPES,
     VmPlan,
     VmRequest,
+    check_block,
+    check_gpu,
+    check_memory,
+    check_vcpus,
     default_memory,
     default_vcpus,
     resolve,
@@ -100,24 +104,26 @@ def create(env: Env, name: str, root: Path, mode: str | None, gpu: str | None, g
             virtio_iso=_path(virtio_iso, "--virtio-iso"), gpu=_pci(gpu), gpu_audio=_pci(gpu_audio),
             memory=values.size_bytes(memory, "--memory") if memory else None, vcpus=vcpus,
             cpu_pin=tuple(values.cpu_list(cpu_pin)) if cpu_pin else (), hugepages=bool(hugepages),
-            storage=storage or "file", pool=pool, disk=disk,
+            storage=storage or "file", pool=values.libvirt_name(pool, "storage pool"), disk=disk,
             disk_size=values.size_bytes(disk_size, "--disk-size") if disk_size else 64 * 1024**3,
             unattend_user=values.windows_user(unattend_user) if unattend_user else None,
-            virt_type=virt_type, stealth=stealth, network=network)
+            virt_type=virt_type, stealth=stealth,
+            network=network if network == "user" else values.libvirt_name(network, "network"))
     except VmError as err:
         raise Failure(str(err)) from err
     if guided:
-        request = _ask(host, request, gave={"mode": mode, "iso": iso, "os": os_kind, "memory": memory,
+        request = _ask(host, request, gave={"mode": mode, "gpu": gpu, "iso": iso, "os": os_kind, "memory": memory,
                                             "vcpus": vcpus, "hugepages": hugepages, "storage": storage,
                                             "disk": disk, "disk_size": disk_size, "unattend": unattend_user})
     else:
         missing = [flag for flag, value in (("--mode", request.mode), ("--iso", request.iso)) if not value]
         if missing:
             raise Failure(f"{' and '.join(missing)} required (or answer step by step on a terminal: --guided)")
+    plan = resolve(request, host, Config())  # everything checked before the password is asked
     if request.unattend_user and request.unattend_password is None:
-        request = replace(request, unattend_password=_password(env, guided, unattend_password_file,
-                                                               request.unattend_user))
-    plan = resolve(request, host, Config())
+        request = replace(plan.request, unattend_password=_password(env, guided, unattend_password_file,
+                                                                    request.unattend_user))
+        plan = replace(plan, request=request)
     target = env.libvirt(uri, not do_apply, lambda conn: vmapply.inspect(conn, plan))
     place = vmapply.placement(plan, target)
     xml = build_domain(plan, place)
@@ -140,8 +146,10 @@ def create(env: Env, name: str, root: Path, mode: str | None, gpu: str | None, g
     made = env.libvirt(uri, False, lambda conn: vmapply.create(conn, plan, target, place, xml, iso_data))
     for item in made:
         click.echo(f"Created {item}.")
-    click.echo(f"Next: open virt-manager, select {request.name!r} and press Run"
-               + (" (janus-hooks frees the GPU when it starts)." if plan.managed else "."))
+    click.echo(f"Next: open virt-manager, select {request.name!r} and press Run" + (
+        " (janus-hooks frees the GPU when it starts)." if plan.managed else
+        f" (janus-hooks makes its {'mediated device' if plan.shared.kind == 'mdev' else 'virtual function'} when "
+        "it starts)." if plan.shared and plan.shared.kind != "virgl" else "."))
 
 
 def _path(text: str | None, flag: str) -> str | None:
@@ -157,8 +165,11 @@ def _password(env: Env, guided: bool, path: Path | None, user: str) -> str:
         try:
             text = path.read_text().rstrip("\n")
         except OSError as err:
-            raise Failure(f"{path}: {err.strerror}") from err
-        return values.password(text)
+            raise Failure(f"--unattend-password-file {path}: {err.strerror}") from err
+        try:
+            return values.password(text)
+        except VmError as err:
+            raise Failure(f"--unattend-password-file {path}: {err}") from err
     if not (guided or env.interactive()):
         raise Failure(f"--unattend-user {user} needs --unattend-password-file without a terminal")
     return click.prompt(f"Password for {user} (not shown)", hide_input=True, confirmation_prompt=True,
@@ -180,28 +191,41 @@ def _ask(host: Host, req: VmRequest, gave: dict[str, Any]) -> VmRequest:
     click.echo("Step 2 of 3: resources, video profile, storage")
     if not gave["memory"]:
         memory = click.prompt("RAM", default=human_size(default_memory(host)).replace(" ", ""),
-                              value_proc=_checked(_ram, host))
+                              value_proc=_checked(_ram, req.os, host))
         req = replace(req, memory=memory)
     if not gave["vcpus"]:
-        req = replace(req, vcpus=click.prompt("vCPUs", type=click.IntRange(1, 512), default=default_vcpus(host)))
-    if not gave["mode"]:
-        req = replace(req, mode=click.prompt("Video profile", type=click.Choice(VIDEO_MODES),
-                                             default="passthrough" if _display_count(host) > 1 else "cpu-only"))
-    if req.mode in ("passthrough", "single-gpu", "shared-vram") and not req.gpu:
-        display = [d for d in host.pci_devices() if d.is_display]
-        if display:
-            click.echo("GPUs: " + ", ".join(f"{d.address}{' (boot VGA)' if d.boot_vga else ''}" for d in display))
-            # passthrough takes the GPU the desktop does not boot on; single-gpu and shared-vram the desktop's.
-            wanted = [d for d in display if d.boot_vga == (req.mode != "passthrough")] or display
-            req = replace(req, gpu=click.prompt("GPU", default=wanted[0].address,
-                                                value_proc=_checked(_gpu, [d.address for d in display])))
+        req = replace(req, vcpus=click.prompt("vCPUs", default=default_vcpus(host),
+                                              value_proc=_checked(_vcpus, host)))
+    while True:
+        if not gave["mode"]:
+            req = replace(req, mode=click.prompt("Video profile", type=click.Choice(VIDEO_MODES),
+                                                 default="passthrough" if _display_count(host) > 1 else "cpu-only"))
+        if req.mode in ("passthrough", "single-gpu", "shared-vram") and not gave["gpu"]:
+            display = [d for d in host.pci_devices() if d.is_display]
+            if display:
+                click.echo("GPUs: " + ", ".join(f"{d.address}{' (boot VGA)' if d.boot_vga else ''}"
+                                                for d in display))
+                # passthrough takes the GPU the desktop does not boot on; single-gpu and shared-vram the desktop's.
+                wanted = [d for d in display if d.boot_vga == (req.mode != "passthrough")] or display
+                req = replace(req, gpu=click.prompt("GPU", default=wanted[0].address,
+                                                    value_proc=_checked(_gpu, [d.address for d in display])))
+        elif not gave["gpu"]:
+            req = replace(req, gpu=None)
+        try:
+            check_gpu(req, host)
+            break
+        except VmError as err:
+            if gave["mode"] and (gave["gpu"] or _display_count(host) < 2):  # nothing left to choose
+                raise Failure(str(err)) from err
+            # The GPU cannot serve this profile (or the host has none for it): choose again, knowing why.
+            click.echo(f"Error: {err}", err=True)
     if gave["hugepages"] is None:
         req = replace(req, hugepages=click.confirm("Back the RAM with hugepages?", default=req.mode != "cpu-only"))
     if not gave["storage"]:
         req = replace(req, storage=click.prompt("Storage", type=click.Choice(STORAGE_KINDS), default="file"))
     if req.storage == "block" and not gave["disk"]:
         req = replace(req, disk=click.prompt("Disk or partition (/dev/...)",
-                                             value_proc=_checked(values.absolute_path, "disk")))
+                                             value_proc=_checked(_block, host)))
     elif req.storage == "file" and not gave["disk"] and not gave["disk_size"]:
         req = replace(req, disk_size=click.prompt("Disk size", default="64GiB",
                                                   value_proc=_checked(values.size_bytes, "disk size")))
@@ -222,12 +246,20 @@ def _gpu(text: str, present: list[str]) -> str:
     return address
 
 
-def _ram(text: str, host: Host) -> int:
-    size = values.size_bytes(text, "RAM")
-    total = (host.mem_total_kb() or 0) * 1024
-    if total and size > total:
-        raise VmError(f"{human_size(size)} of RAM is more than this host has ({human_size(total)})")
-    return size
+def _ram(text: str, os_kind: str, host: Host) -> int:
+    return check_memory(values.size_bytes(text, "RAM"), os_kind, host)
+
+
+def _vcpus(text: str, host: Host) -> int:
+    try:
+        number = int(text)
+    except ValueError as err:
+        raise VmError(f"{text!r} is not a number of vCPUs") from err
+    return check_vcpus(number, host)
+
+
+def _block(text: str, host: Host) -> str:
+    return check_block(values.absolute_path(text, "disk"), host)
 
 
 def _existing_file(text: str, what: str) -> str:
@@ -259,7 +291,12 @@ def _summary(plan: VmPlan, target: vmapply.Target, place: Any) -> None:
     if plan.gpu_functions:
         click.echo(f"  GPU:       {', '.join(plan.gpu_functions)} (janus-hooks mode {req.mode})")
     elif plan.shared:
-        click.echo(f"  display:   shared GPU through {plan.shared.kind}")
+        shared = plan.shared
+        click.echo("  display:   " + (
+            f"mediated device {shared.mdev_uuid} ({shared.mdev_type}) of GPU {shared.parent}" if shared.kind == "mdev"
+            else f"virtual function {shared.vf_address} of GPU {shared.parent}" if shared.kind == "vf"
+            else f"virtio-gpu with 3D acceleration (virgl) rendered by GPU {shared.parent or '(none found)'}, "
+                 "not managed by janus-hooks"))
     else:
         click.echo("  display:   virtio (SPICE), not managed by janus-hooks")
     click.echo(f"  install:   {req.iso}{' + ' + req.virtio_iso if req.virtio_iso else ''}")

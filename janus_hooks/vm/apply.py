@@ -56,6 +56,12 @@ def inspect(conn: Any, plan: VmPlan) -> Target:
         pass
     else:
         raise VmError(f"a VM named {req.name!r} already exists at {conn.getURI()}; choose another name")
+    if req.network != "user":
+        try:
+            conn.networkLookupByName(req.network)
+        except error as err:  # libvirt would define the VM and only refuse to start it
+            raise VmError(f"libvirt has no network {req.network!r} (virsh net-list --all); --network user gives "
+                          "the guest QEMU's user-mode network") from err
     if not needs_pool(plan):
         return Target()
     try:
@@ -239,8 +245,12 @@ def describe(dom: Any) -> MadeVm:
     record = root.find(f"metadata/{{{VM_NS}}}created")
     volumes = tuple(Volume(v.get("pool", ""), v.get("name", ""), v.get("path", ""), v.get("role", ""))
                     for v in (record.findall(f"{{{VM_NS}}}volume") if record is not None else []))
+    # A shared-vram guest's GPU is the host's, which it shares (an mdev has no PCI address of its own).
+    made_for = (record.get("gpu", "") if record is not None else "").split(",")
+    gpu = tuple(h.address for h in spec.hostdevs) or tuple(d.parent for d in spec.shared) or tuple(
+        a for a in made_for if a and a != "none")
     return MadeVm(spec.name, bool(dom.isActive()), spec.mode, record.get("video") if record is not None else None,
-                  tuple(h.address for h in spec.hostdevs), volumes)
+                  gpu, volumes)
 
 
 def managed_vms(conn: Any) -> list[MadeVm]:

@@ -144,7 +144,8 @@ def resolve(request: VmRequest, host: Host, config: Config | None = None) -> VmP
     disk_format = _storage(request, host)
     if request.hugepages:
         notes.append(f"hugepages: janus-hooks reserves {human_size(memory)} of hugepages when the VM starts and "
-                     "frees them when it stops" if request.mode in ("passthrough", "single-gpu") else
+                     "frees them when it stops" if request.mode in ("passthrough", "single-gpu")
+                     or (shared is not None and shared.kind != "virgl") else
                      "hugepages: this VM is not managed by janus-hooks (mode " + request.mode + "); the pool "
                      "must hold enough free pages before it starts")
     return VmPlan(request, memory, vcpus, functions, shared, secure_boot, tpm, disk_format, tuple(notes))
@@ -161,19 +162,10 @@ def _check_file(path: str, what: str) -> None:
 
 
 def _resources(request: VmRequest, host: Host) -> tuple[int, int]:
-    memory = request.memory or default_memory(host)
-    total = (host.mem_total_kb() or 0) * 1024
-    if total and memory > total:
-        raise VmError(f"{human_size(memory)} of RAM is more than this host has ({human_size(total)})")
-    if memory < 256 * 1024**2:
-        raise VmError(f"{human_size(memory)} of RAM is too little for a guest (at least 256 MiB)")
-    if request.os == "win11" and memory < 4 * GIB:
-        raise VmError(f"Windows 11 needs at least 4 GiB of RAM, not {human_size(memory)}")
-    cpus = sorted(host.cpus_online())
-    vcpus = request.vcpus or default_vcpus(host)
-    if vcpus < 1 or (cpus and vcpus > len(cpus)):
-        raise VmError(f"{vcpus} vCPUs: this host has {len(cpus)} CPUs online")
+    memory = check_memory(request.memory or default_memory(host), request.os, host)
+    vcpus = check_vcpus(request.vcpus or default_vcpus(host), host)
     if request.cpu_pin:
+        cpus = sorted(host.cpus_online())
         absent = [c for c in request.cpu_pin if c not in cpus]
         if absent:
             raise VmError(f"cannot pin to CPU {absent[0]}: not online on this host (online: "
@@ -181,6 +173,33 @@ def _resources(request: VmRequest, host: Host) -> tuple[int, int]:
         if len(request.cpu_pin) != vcpus:
             raise VmError(f"--cpu-pin names {len(request.cpu_pin)} CPUs for {vcpus} vCPUs: give one per vCPU")
     return memory, vcpus
+
+
+def check_memory(memory: int, os_kind: str, host: Host) -> int:
+    """RAM for a guest of ``os_kind``: no more than the host has, no less than the guest needs."""
+    total = (host.mem_total_kb() or 0) * 1024
+    if total and memory > total:
+        raise VmError(f"{human_size(memory)} of RAM is more than this host has ({human_size(total)})")
+    if memory < 256 * 1024**2:
+        raise VmError(f"{human_size(memory)} of RAM is too little for a guest (at least 256 MiB)")
+    if os_kind == "win11" and memory < 4 * GIB:
+        raise VmError(f"Windows 11 needs at least 4 GiB of RAM, not {human_size(memory)}")
+    return memory
+
+
+def check_vcpus(vcpus: int, host: Host) -> int:
+    cpus = host.cpus_online()
+    if vcpus < 1 or (cpus and vcpus > len(cpus)):
+        raise VmError(f"{vcpus} vCPUs: this host has {len(cpus)} CPUs online")
+    return vcpus
+
+
+def check_gpu(request: VmRequest, host: Host, config: Config | None = None) -> None:
+    """Refuse a GPU (or a host without one) that cannot serve ``request.mode``, as ``resolve`` would."""
+    if request.mode in ("passthrough", "single-gpu"):
+        _gpu_functions(request, host, config or Config())
+    elif request.mode == "shared-vram":
+        _shared_gpu(request, host)
 
 
 def _gpu_functions(request: VmRequest, host: Host, config: Config) -> tuple[str, ...]:
@@ -280,7 +299,7 @@ def _storage(request: VmRequest, host: Host) -> str:
     if request.storage == "block":
         if not request.disk:
             raise VmError("--storage block needs --disk /dev/... (a whole disk or a partition)")
-        _check_block(request.disk, host)
+        check_block(request.disk, host)
         return "raw"
     if not request.disk:
         return "qcow2"
@@ -291,7 +310,8 @@ def _storage(request: VmRequest, host: Host) -> str:
         return "qcow2" if fh.read(4) == QCOW2_MAGIC else "raw"
 
 
-def _check_block(path: str, host: Host) -> None:
+def check_block(path: str, host: Host) -> str:
+    """A whole disk or partition under /dev that nothing on the host uses (mounts, swap, LVM, RAID, root)."""
     if not blockdev.is_device_path(path):
         raise VmError(f"--disk {path} is not under /dev: block storage takes a whole disk or a partition")
     name = blockdev.block_name(host, path)
@@ -299,7 +319,7 @@ def _check_block(path: str, host: Host) -> None:
         raise VmError(f"{path} is not a block device on this host")
     found = blockdev.uses(host, name)
     if not found:
-        return
+        return path
     why = "; ".join(f"{u.device} {u.how}" for u in found)
     if any(u.root for u in found):
         raise VmError(f"{path} holds the host's root filesystem ({why}); refusing to give it to a guest")

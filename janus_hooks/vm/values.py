@@ -34,6 +34,14 @@ def vm_name(text: str) -> str:
     return text
 
 
+def libvirt_name(text: str, what: str) -> str:
+    """A storage pool or network name: it names an existing libvirt object, so only plain names pass."""
+    if not _NAME.fullmatch(text):
+        raise VmError(f"{what} {text!r} is refused: use 1-63 letters, digits, '.', '_', '+' or '-', starting "
+                      "with a letter or digit")
+    return text
+
+
 def size_bytes(text: str, what: str) -> int:
     """``8GiB``, ``8G``, ``512MiB``, ``64`` (GiB) -> bytes; binary units, ``GB``-style are decimal."""
     match = _SIZE.fullmatch(text)

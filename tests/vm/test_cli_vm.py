@@ -4,6 +4,7 @@ in process, no daemon; the libvirt suite does the same through the real libvirtd
 from __future__ import annotations
 
 import io
+import json
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from click.testing import CliRunner
 
 from janus_hooks.cli import Env, cli
 from janus_hooks.domain import parse_domain
+from tests.vm.conftest import with_mdev
 
 TEST_URI = "test:///default"
 POOL = "default-pool"  # the test driver's own pool
@@ -115,31 +117,85 @@ def test_a_failure_part_way_removes_what_this_run_created(two_gpus, conn, tmp_pa
     assert (conn.listDefinedDomains(), _volumes(conn)) == before
 
 
+def _everything(conn) -> tuple:
+    """What a run could create: domains, pools, and the volumes of every pool (the unattend ISO is one)."""
+    pools = sorted(conn.listAllStoragePools(0), key=lambda p: p.name())
+    return (sorted(conn.listDefinedDomains()), [p.name() for p in pools],
+            [(p.name(), sorted(p.listVolumes())) for p in pools if p.isActive()])
+
+
+# Each run would otherwise create the "default" pool (absent from the test driver), a disk volume and the VM
+# (the test driver cannot upload an unattend ISO: the real-libvirt suite checks that one).
+WOULD_CREATE = ["--iso", "ISO", "--os", "win10", "--memory", "1GiB", "--virt-type", "qemu", "--network", "user",
+                "--no-guided", "--apply", "--yes"]
+UNATTEND = ["--unattend-user", "alice", "--unattend-password-file", "PASSWORD"]
+
+
+def _would_create(vm_host, password: Path, *extra: str) -> list[str]:
+    return [{"ISO": vm_host.iso, "PASSWORD": str(password)}.get(a, a) for a in (*WOULD_CREATE, *extra)]
+
+
+@pytest.mark.parametrize(("name", "args", "message"), [
+    ("../evil", [], "VM name '../evil' is refused: use 1-63 letters"),
+    ("it's", [], "VM name \"it's\" is refused"),
+    ('a"b', [], "VM name 'a\"b' is refused"),
+    ("test", [], "a VM named 'test' already exists at test:///default; choose another name"),  # the driver's own
+    ("ok", ["--iso", "/no/such.iso"], "installation ISO /no/such.iso does not exist"),
+    ("ok", ["--storage", "block", "--disk", "/dev/sda"], "/dev/sda holds the host's root filesystem"),
+    ("ok", ["--storage", "block", "--disk", "/dev/sda1"], "/dev/sda1 holds the host's root filesystem"),
+    ("ok", ["--memory", "1TiB"], "1 TiB of RAM is more than this host has (31.25 GiB)"),
+    ("ok", ["--vcpus", "64"], "64 vCPUs: this host has 8 CPUs online"),
+    ("ok", ["--pool", "../images"], "storage pool '../images' is refused"),
+    ("ok", ["--network", 'lan"0'], "network 'lan\"0' is refused"),
+    ("ok", ["--network", "nowhere"], "libvirt has no network 'nowhere' (virsh net-list --all)"),
+    ("ok", [*UNATTEND, "--unattend-password-file", "/no/such/pw"], "--unattend-password-file /no/such/pw: No such "
+                                                                   "file"),
+    ("ok", [*UNATTEND, "--os", "linux"], "--unattend-user writes a Windows Autounattend.xml; it has no meaning for "
+                                         "--os linux"),
+])
+def test_hostile_values_are_refused_in_one_line_and_nothing_is_created(two_gpus, conn, tmp_path, name, args,
+                                                                       message):
+    password = tmp_path / "pw"
+    password.write_text("s3cret\n")
+    assert "default" not in _pool_names(conn)
+    before = _everything(conn)
+    result = run(two_gpus.root, "create", name, "--mode", "cpu-only", *_would_create(two_gpus, password, *args))
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith(f"janus-hooks: {message}"), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "Created" not in result.output
+    assert _everything(conn) == before
+
+
+def test_the_same_run_without_a_refusal_creates_pool_volume_and_vm(two_gpus, conn, tmp_path):
+    # The counterpart of the refusals above: their "nothing created" could not fail if this created nothing.
+    made = run(two_gpus.root, "create", "ok", "--mode", "cpu-only", *_would_create(two_gpus, tmp_path / "pw"))
+    assert made.exit_code == 0, made.output
+    try:
+        assert "Created storage pool default" in made.output and "ok" in conn.listDefinedDomains()
+        assert conn.storagePoolLookupByName("default").listVolumes() == ["ok.qcow2"]
+    finally:
+        assert run(two_gpus.root, "delete", "ok", "--storage", "--yes").exit_code == 0
+        pool = conn.storagePoolLookupByName("default")
+        pool.destroy()
+        pool.undefine()
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--mode", "cpu-only"], "--iso required (or answer step by step on a terminal: --guided)"),
     (["--iso", "/x.iso"], "--mode required"),
-    (["--mode", "cpu-only", "--iso", "/no/such.iso"], "installation ISO /no/such.iso does not exist"),
-    (["--mode", "cpu-only", "--iso", "ISO", "--memory", "1TiB"], "1 TiB of RAM is more than this host has"),
-    (["--mode", "cpu-only", "--iso", "ISO", "--storage", "block", "--disk", "/dev/sda"],
-     "/dev/sda holds the host's root filesystem"),
     (["--mode", "cpu-only", "--iso", "ISO", "--unattend-user", "bob"],
      "--unattend-user bob needs --unattend-password-file without a terminal"),
 ])
-def test_refusals_without_a_terminal_create_nothing(two_gpus, conn, args, message):
-    before = (conn.listDefinedDomains(), _volumes(conn))
+def test_missing_flags_without_a_terminal_create_nothing(two_gpus, conn, args, message):
+    before = _everything(conn)
     args = [two_gpus.iso if a == "ISO" else a for a in args]
-    result = run(two_gpus.root, "create", "refused", "--virt-type", "qemu", "--pool", POOL, *args)
-    assert result.exit_code != 0
-    assert message in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
-    assert (conn.listDefinedDomains(), _volumes(conn)) == before
-
-
-@pytest.mark.parametrize("name", ["../evil", "it's", 'a"b'])
-def test_hostile_names_are_refused_before_anything(two_gpus, name):
-    result = run(two_gpus.root, "create", name, "--mode", "cpu-only", "--iso", two_gpus.iso)
+    result = run(two_gpus.root, "create", "refused", "--os", "win10", "--virt-type", "qemu", "--pool", POOL,
+                 "--network", "user", "--apply", "--yes", *args)
     assert result.exit_code == 1
-    assert f"VM name {name!r} is refused" in result.stderr
+    assert result.stderr.startswith(f"janus-hooks: {message}"), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert _everything(conn) == before
 
 
 def test_guided_flow_through_a_pseudo_terminal(two_gpus, tmp_path):
@@ -254,3 +310,83 @@ def test_guided_account_password_is_read_without_echo(two_gpus):
     assert child.exitstatus == 0
     assert "alice" in transcript.getvalue()  # echoed, unlike the password
     assert secret not in transcript.getvalue()
+
+
+def test_guided_answers_the_host_cannot_serve_are_asked_again_with_the_reason(two_gpus, conn):
+    pexpect = pytest.importorskip("pexpect")
+    cli_path = str(Path(sys.executable).with_name("janus-hooks"))
+    child = pexpect.spawn(cli_path, ["vm", "create", "asked", "--root", str(two_gpus.root), "--connect", TEST_URI,
+                                     "--virt-type", "qemu", "--network", "user", "--pool", POOL],
+                          encoding="utf-8", timeout=60, dimensions=(50, 200))
+    before = _everything(conn)
+    try:
+        child.expect("Installation ISO: ")
+        child.sendline(two_gpus.iso)
+        child.expect(r"Guest OS .*: ")
+        child.sendline("win11")
+        child.expect(r"virtio drivers ISO \(empty: none\): ")
+        child.sendline("")
+        child.expect(r"RAM \[15GiB\]: ")
+        child.sendline("2GiB")
+        child.expect(r"Windows 11 needs at least 4 GiB of RAM, not 2 GiB")
+        child.expect(r"RAM \[15GiB\]: ")
+        child.sendline("4GiB")
+        child.expect(r"vCPUs \[4\]: ")
+        child.sendline("64")
+        child.expect("64 vCPUs: this host has 8 CPUs online")
+        child.expect(r"vCPUs \[4\]: ")
+        child.sendline("2")
+        child.expect(r"Video profile .* \[passthrough\]: ")
+        child.sendline("")
+        child.expect(r"GPU \[0000:03:00.0\]: ")
+        child.sendline("0c:00.0")  # the desktop's GPU: passthrough refuses it, the profile is asked again
+        child.expect(r"Error: GPU 0000:0c:00.0 cannot go to a passthrough VM: GPU 0000:0c:00.0 drives the host "
+                     r"display .*; use mode single-gpu for it")
+        child.expect(r"Video profile .* \[passthrough\]: ")
+        child.sendline("cpu-only")
+        child.expect(r"hugepages\? \[y/N\]: ")
+        child.sendline("")
+        child.expect(r"Storage \(file, block\) \[file\]: ")
+        child.sendline("block")
+        child.expect(r"Disk or partition \(/dev/...\): ")
+        child.sendline("/dev/sda")
+        child.expect(r"/dev/sda holds the host's root filesystem")
+        child.expect(r"Disk or partition \(/dev/...\): ")
+        child.sendline("/dev/sdc1")
+        child.expect(r"/dev/sdc1 is in use on the host \(.*sdc1 in use by LVM \(dm-0\)\)")
+        child.expect(r"Disk or partition \(/dev/...\): ")
+        child.sendline("/dev/sdb")
+        child.expect("Step 3 of 3")
+        child.expect(r"Local account .*: ")
+        child.sendline("")
+        child.expect(r"VM asked: win11, cpu-only, 4 GiB RAM, 2 vCPU\(s\), qemu")
+        child.expect(r"disk:      /dev/sdb \(whole device\)")
+        child.expect(r"Create VM 'asked' now\? \[Y/n\]: ")
+        child.sendline("n")
+        child.expect("Nothing was created.")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0, child.before
+    assert _everything(conn) == before
+
+
+def test_list_shows_a_shared_vram_guest_with_the_gpu_it_shares(two_gpus, conn):
+    args = ["--iso", two_gpus.iso, "--memory", "4GiB", "--vcpus", "2", "--disk-size", "1GiB", "--virt-type", "qemu",
+            "--network", "user", "--pool", POOL, "--apply", "--yes"]
+    linux = run(two_gpus.root, "create", "virgl", "--mode", "shared-vram", "--os", "linux", *args)
+    assert linux.exit_code == 0, linux.output
+    assert "display:   virtio-gpu with 3D acceleration (virgl) rendered by GPU 0000:0c:00.0" in linux.output
+    with_mdev(two_gpus.root, "0000:0c:00.0")
+    made = run(two_gpus.root, "create", "shared", "--mode", "shared-vram", "--hugepages", *args)
+    assert made.exit_code == 0, made.output
+    assert "hugepages: janus-hooks reserves 4 GiB of hugepages when the VM starts" in made.output
+    assert "press Run (janus-hooks makes its mediated device when it starts)." in made.output
+    try:
+        listed = run(two_gpus.root, "list", "--json").output
+        rows = {v["name"]: (v["mode"], v["video"], v["gpu"]) for v in json.loads(listed)}
+        assert rows["shared"] == ("shared-vram", "shared-vram", ["0000:0c:00.0"])
+        assert rows["virgl"] == (None, "shared-vram", ["0000:0c:00.0"])  # not managed: nothing to do at start
+    finally:
+        for name in ("shared", "virgl"):
+            assert run(two_gpus.root, "delete", name, "--storage", "--yes").exit_code == 0
