@@ -515,6 +515,32 @@ def test_fault_during_release_keeps_the_journal_until_a_later_release(pinned, tm
         assert_back(h, before, state, (where, nth))
 
 
+class SystemdThatDoesNotApply(FakeServices):
+    """systemd that records user.slice's AllowedCPUs (drop-in, exit 0) but never writes its cgroup: what the
+    kernel enforces is what a step must wait for, not what systemd says."""
+
+    def set_unit_property(self, unit: str, name: str, value: str, timeout: float) -> None:
+        if unit != "user.slice":
+            super().set_unit_property(unit, name, value, timeout)
+            return
+        self._call("set-property", f"{unit} {name}={value}")
+        (self.root / DROPINS / f"{unit}.d").mkdir(parents=True, exist_ok=True)
+        (self.root / DROPINS / f"{unit}.d" / f"50-{name}.conf").write_text(f"[Slice]\n{name}={value}\n")
+
+
+def test_allowed_cpus_systemd_accepts_but_the_kernel_never_applies_is_refused_and_undone(pinned):
+    h = pinned()
+    before, state = h.snapshot(), host_state(h)
+    h.services = SystemdThatDoesNotApply(h.root)
+    code, err = h.hook("win11", "prepare", "begin", vm_xml(vcpus="2,6"))
+    assert code == 1 and "\n" not in err
+    assert "AllowedCPUs of user.slice becoming 0-1,3-5,7 (now '')" in err and "did not happen within" in err
+    h.services = FakeServices(h.root)
+    assert host_state(h) == state
+    assert_restored(h, before)
+    assert h.journal_vms() == []
+
+
 def test_irqs_the_kernel_refuses_are_recorded_and_left_alone(pinned):
     h = pinned()
     assert h.hook("win11", "prepare", "begin", vm_xml(vcpus="2,6")) == (0, "")
