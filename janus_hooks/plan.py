@@ -28,7 +28,7 @@ from janus_hooks.actions import (
     LoadModule,
     RunDisplayCommands,
     StopUnit,
-    StopUserUnit,
+    StopUserUnits,
     UnbindVtconsole,
     UnloadModule,
     WaitReleased,
@@ -392,7 +392,10 @@ def _free_gpu(b: _Builder, gpus: list[PciDevice], addresses: tuple[str, ...], no
         # manager is back with a session. Started before it, an application with the card open becomes
         # the card's DRM master and the compositor cannot take it (seen in the desktop lab), and PipeWire
         # finds no audio node the user may open yet.
-        b.actions += [StopUserUnit(uid, unit) for uid, unit in user_units]
+        by_user: dict[int, list[str]] = {}
+        for uid, unit in user_units:
+            by_user.setdefault(uid, []).append(unit)
+        b.actions += [StopUserUnits(uid, tuple(names)) for uid, names in by_user.items()]
         b.actions += [StopUnit(u, seat="seat0" if u == dm else "") for u in units]
         b.actions += [EndSession(s, uid) for s, uid in sessions.items()]
     else:

@@ -23,6 +23,7 @@ _LAZY = {
     "RunDisplayCommands": "display",
     "StopUnit": "display",
     "StopUserUnit": "display",
+    "StopUserUnits": "display",
     "WaitReleased": "display",
     "VFIO_DRIVER": "driver",
     "BindVfio": "driver",

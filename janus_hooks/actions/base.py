@@ -104,6 +104,7 @@ KIND_MODULES = {
     "stop-unit": "display",
     "end-session": "display",
     "stop-user-unit": "display",
+    "stop-user-units": "display",
     "display-commands": "display",
     "wait-released": "display",
     "unload-module": "driver",

@@ -127,10 +127,64 @@ class EndSession(Action):
 
 
 @dataclass(frozen=True)
-class StopUserUnit(Action):
-    """A unit of a user's systemd instance (compositor, portal, PipeWire, Sunshine) that holds the GPU or its
+class StopUserUnits(Action):
+    """Units of one user's systemd instance (compositor, portal, PipeWire, Sunshine) that hold the GPU or its
     audio. Started again on release only while that user's manager still runs (lingering, an ssh login):
-    otherwise the user's next login starts it."""
+    otherwise the user's next login starts them.
+
+    One step for all of a user's units: every ``systemctl --user --machine`` call opens a PAM session through
+    logind (seconds on a slow host), so the state of all of them is read in one call and they stop in one
+    call, whose own result says whether their stop jobs finished."""
+
+    kind = "stop-user-units"
+    schema = {"uid": integer(0, 2**32 - 1), "units": list_of(UNIT, 64)}
+    old_schema = {"running": list_of(UNIT, 64)}
+    uid: int
+    units: tuple[str, ...]
+
+    def describe(self) -> str:
+        return f"stop user unit{'s' if len(self.units) > 1 else ''} {', '.join(self.units)} of uid {self.uid}"
+
+    def capture(self, ctx: Context) -> dict[str, Any]:
+        # No manager (the user's last session took it, or it never ran): nothing runs, no call to make.
+        if not ctx.host.user_manager_listening(self.uid):
+            return {"running": []}
+        running = ctx.services.user_units_running(self.uid, self.units)
+        return {"running": [u for u in self.units if u in running]}
+
+    def apply(self, ctx: Context, old: dict[str, Any]) -> None:
+        # Nothing between the capture and this but the journal's append: no second look. A stop without
+        # --no-block returns once the jobs finished, non-zero if one failed: that is the verification
+        # (WaitReleased then checks that the processes let go of the nodes).
+        ctx.services.stop_user(self.uid, tuple(old["running"]), ctx.config.timeouts.unit_stop)
+
+    def revert(self, ctx: Context, old: dict[str, Any]) -> None:
+        start_user_units_again(ctx, self.uid, tuple(old.get("running", ())))
+
+
+def start_user_units_again(ctx: Context, uid: int, units: tuple[str, ...]) -> None:
+    """Start ``units`` of ``uid``'s manager in one call when that manager still runs; a unit that runs
+    already is left as it is (start is idempotent). Failing is a warning: nothing a later replay could do
+    better (a compositor unit needs the session that ended; a manager that was stopping when asked starts
+    them itself with the user's next login)."""
+    if not units:
+        return
+    # First what the host shows (no call), then the manager's unit on the system bus: a manager that is gone
+    # or on its way out (the session's end stops it) may leave a call on its own bus hanging until the
+    # timeout.
+    if not ctx.host.user_manager_listening(uid) or not ctx.services.user_manager_running(uid):
+        log.info("user manager of uid %d is not running: %s start with the next login", uid, ", ".join(units))
+        return
+    try:
+        ctx.services.start_user(uid, units, ctx.config.timeouts.unit_stop)
+    except StepFailed as err:
+        ctx.warn(f"user units {', '.join(units)} of uid {uid} did not all start again: {err}")
+
+
+@dataclass(frozen=True)
+class StopUserUnit(Action):
+    """One user unit per step, as janus-hooks journaled it before ``stop-user-units``: kept so that a journal
+    written then is still put back; plans no longer make it."""
 
     kind = "stop-user-unit"
     schema = {"uid": integer(0, 2**32 - 1), "unit": UNIT}
@@ -141,33 +195,12 @@ class StopUserUnit(Action):
     def describe(self) -> str:
         return f"stop user unit {self.unit} of uid {self.uid}"
 
-    def capture(self, ctx: Context) -> dict[str, Any]:
-        return {"active": ctx.services.user_is_active(self.uid, self.unit)}
-
     def apply(self, ctx: Context, old: dict[str, Any]) -> None:
-        # The session's end may have stopped the whole user manager already.
-        if old["active"] and ctx.services.user_is_active(self.uid, self.unit):
-            ctx.services.stop_user(self.uid, self.unit, ctx.config.timeouts.unit_stop)
-
-    def verify(self, ctx: Context, old: dict[str, Any]) -> None:
-        wait_until(ctx, lambda: not ctx.services.user_is_active(self.uid, self.unit),
-                   ctx.config.timeouts.unit_stop, f"user unit {self.unit} of uid {self.uid} stopping")
+        raise StepFailed(f"{self.describe()}: only replayed from an older journal")
 
     def revert(self, ctx: Context, old: dict[str, Any]) -> None:
-        if not old.get("active"):
-            return
-        # The manager first, on the system bus: a manager that is gone or on its way out (the session's
-        # end stops it) may leave a query on its own bus hanging until the timeout.
-        if not ctx.services.user_manager_running(self.uid):
-            log.info("user manager of uid %d is not running: %s starts with the next login", self.uid, self.unit)
-            return
-        try:
-            if not ctx.services.user_is_active(self.uid, self.unit):
-                ctx.services.start_user(self.uid, self.unit, ctx.config.timeouts.unit_stop)
-        except StepFailed as err:
-            # Nothing a later replay could do better (a compositor unit needs the session that ended; a
-            # manager that was stopping when asked starts the unit itself with the user's next login).
-            ctx.warn(f"user unit {self.unit} of uid {self.uid} did not start again: {err}")
+        if old.get("active"):
+            start_user_units_again(ctx, self.uid, (self.unit,))
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
+from janus_hooks.errors import CommandFailed
 from janus_hooks.host.runner import Runner, SubprocessRunner, check
 
 
@@ -26,11 +28,11 @@ class Services(Protocol):
 
     def seat_has_active_session(self, seat: str) -> bool: ...
 
-    def user_is_active(self, uid: int, unit: str) -> bool: ...
+    def user_units_running(self, uid: int, units: Sequence[str]) -> set[str]: ...
 
-    def stop_user(self, uid: int, unit: str, timeout: float) -> None: ...
+    def stop_user(self, uid: int, units: Sequence[str], timeout: float) -> None: ...
 
-    def start_user(self, uid: int, unit: str, timeout: float) -> None: ...
+    def start_user(self, uid: int, units: Sequence[str], timeout: float) -> None: ...
 
 
 class SystemdServices:
@@ -80,11 +82,42 @@ class SystemdServices:
         state = self._runner.run(["loginctl", "show-session", session, "--property=State", "--value"], 5.0)
         return state.returncode == 0 and state.stdout.strip() == "active"
 
-    def user_is_active(self, uid: int, unit: str) -> bool:
-        return self._runner.run([*self._user(uid), "is-active", "--quiet", unit], 15.0).returncode == 0
+    def user_units_running(self, uid: int, units: Sequence[str]) -> set[str]:
+        """Which of ``units`` run (or are starting) in ``uid``'s manager: one call, whatever their number."""
+        if not units:
+            return set()
+        result = check(self._runner.run([*self._user(uid), "show", "--property=Id,ActiveState", "--", *units],
+                                        15.0))
+        blocks = _show_blocks(result.stdout, len(units), result.argv)
+        return {unit for unit, state in zip(units, blocks, strict=True) if state.get("ActiveState") in RUNNING_STATES}
 
-    def stop_user(self, uid: int, unit: str, timeout: float) -> None:
-        check(self._runner.run([*self._user(uid), "stop", unit], timeout))
+    # A stop or start without --no-block returns once its jobs finished (non-zero when one failed): the
+    # call is its own verification. Several units in one call: one PAM session instead of one per unit.
+    def stop_user(self, uid: int, units: Sequence[str], timeout: float) -> None:
+        if units:
+            check(self._runner.run([*self._user(uid), "stop", "--", *units], timeout))
 
-    def start_user(self, uid: int, unit: str, timeout: float) -> None:
-        check(self._runner.run([*self._user(uid), "start", unit], timeout))
+    def start_user(self, uid: int, units: Sequence[str], timeout: float) -> None:
+        if units:
+            check(self._runner.run([*self._user(uid), "start", "--", *units], timeout))
+
+
+# What counts as running for a stop: "activating" will hold the device soon, "reloading" still does.
+RUNNING_STATES = frozenset({"active", "activating", "reloading"})
+
+
+def _show_blocks(stdout: str, expected: int, argv: Sequence[str]) -> list[dict[str, str]]:
+    """``systemctl show`` of several units: one block of ``Name=value`` lines per unit, in the order asked,
+    separated by empty lines."""
+    blocks: list[dict[str, str]] = [{}]
+    for line in stdout.splitlines():
+        if not line.strip():
+            if blocks[-1]:
+                blocks.append({})
+            continue
+        name, _, value = line.partition("=")
+        blocks[-1][name] = value
+    blocks = [b for b in blocks if b]
+    if len(blocks) != expected:
+        raise CommandFailed(f"{' '.join(argv)}: {len(blocks)} unit block(s) in its output, {expected} expected")
+    return blocks

@@ -424,6 +424,14 @@ class Host:
             return []
         return sorted(int(n) for n in names if n.isdigit())
 
+    def user_manager_listening(self, uid: int) -> bool:
+        """A systemd user manager may answer for ``uid``: logind tracks the user and the manager's private
+        socket is in the user's runtime directory. False: no ``systemctl --user`` call can help (each one
+        costs a PAM session through logind, seconds on a slow machine). True still allows a manager on its
+        way out."""
+        return (self.path("run/systemd/users", str(uid)).is_file()
+                and self.path("run/user", str(uid), "systemd/private").exists())
+
     def sessions(self) -> list[Session]:
         base = self.sessions_dir()
         try:

@@ -26,7 +26,7 @@ def _desktop(root: Path) -> FakeHost:
 def test_plan_covers_the_desktop(tmp_path):
     plan = _desktop(tmp_path / "probe").janus().plan(parse_domain(XML))
     assert [a.kind for a in plan.actions] == [
-        "allocate-hugepages", "stop-user-unit", "stop-unit", "end-session", "wait-released", "unbind-vtconsole",
+        "allocate-hugepages", "stop-user-units", "stop-unit", "end-session", "wait-released", "unbind-vtconsole",
         "unload-module", "load-module", "load-module", "bind-vfio", "bind-vfio"]
 
 

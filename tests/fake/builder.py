@@ -10,6 +10,7 @@ from tests.fake.world import (
     LOGIND_PID,
     UNIT_STATE,
     link,
+    manager_socket,
     open_fd,
     save_world,
     session_device_file,
@@ -203,6 +204,7 @@ class HostBuilder:
         base = f"/user.slice/user-{uid}.slice/{manager}"
         self.unit(manager, [{"pid": 7000 + uid % 1000, "comm": "systemd", "fds": [], "cgroup": f"{base}/init.scope"}])
         write(self.root / "run/systemd/users" / str(uid), f"NAME=user{uid}\nSTATE=active\n")
+        write(self.root / manager_socket(uid), "")
         self.world.setdefault("user_units", {})[str(uid)] = {}
         for unit, procs in units.items():
             slice_ = "app.slice" if unit.startswith("app-") else "session.slice"

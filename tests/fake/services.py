@@ -24,6 +24,7 @@ from tests.fake.world import (
     close_files,
     kill_process,
     load_world,
+    manager_socket,
     open_fd,
     session_device_file,
     session_file,
@@ -39,6 +40,9 @@ class FakeServices:
     def __init__(self, root: Path, fault: Callable[[str, str], bool] | None = None) -> None:
         self.root = Path(root)
         self.calls: list[tuple[str, str]] = []
+        # Every systemctl --user --machine call (verb, uid, units), and the system-bus looks at user managers.
+        self.user_calls: list[tuple[str, int, tuple[str, ...]]] = []
+        self.system_calls: list[tuple[str, str]] = []
         self._fault = fault
 
     def _call(self, call: str, target: str) -> None:
@@ -67,8 +71,9 @@ class FakeServices:
         for sid in [] if load_world(self.root).get("sessions_end_late") else self._sessions_of(unit):
             self._end_session(sid)
         if unit.startswith("user@"):
-            # A user manager takes its units with it.
+            # A user manager takes its units with it, and its private socket.
             uid = int(unit[len("user@"):-len(".service")])
+            unlink(self.root / manager_socket(uid))
             for name in load_world(self.root).get("user_units", {}).get(str(uid), {}):
                 self._set_user(uid, name, False)
 
@@ -86,6 +91,7 @@ class FakeServices:
         if unit.startswith("user@"):
             # Its default units come up with it (PipeWire, WirePlumber, the compositor's helpers).
             uid = int(unit[len("user@"):-len(".service")])
+            write(self.root / manager_socket(uid), "")
             for name in load_world(self.root).get("user_units", {}).get(str(uid), {}):
                 self._set_user(uid, name, True)
 
@@ -125,38 +131,55 @@ class FakeServices:
         return dm.is_symlink() and self.is_active(os.path.basename(os.readlink(dm)))
 
     # --- users' systemd instances ---------------------------------------------------------------------
+    # Each call below is one ``systemctl --user --machine=UID@.host`` invocation (one PAM session on a real
+    # host): ``user_calls`` counts them, so tests can assert how many a switch makes.
     def user_manager_running(self, uid: int) -> bool:
+        self.system_calls.append(("is-active", f"user@{uid}.service"))
+        return self._manager_up(uid)
+
+    def _manager_up(self, uid: int) -> bool:
         return self.is_active(f"user@{uid}.service")
 
-    def user_is_active(self, uid: int, unit: str) -> bool:
-        if not self.user_manager_running(uid):
-            return False
+    def _user_call(self, verb: str, uid: int, units: Sequence[str]) -> None:
+        self.user_calls.append((verb, uid, tuple(units)))
+        if not self._manager_up(uid):
+            raise CommandFailed(f"systemctl --user --machine={uid}@.host {verb} {' '.join(units)} failed: "
+                                "Failed to connect to bus: No medium found")
         if str(uid) in load_world(self.root).get("user_bus_hangs", []):
             # A manager on its way out (seen in the desktop lab): its bus does not answer in time.
-            raise CommandFailed(f"systemctl --user --machine={uid}@.host is-active --quiet {unit} "
+            raise CommandFailed(f"systemctl --user --machine={uid}@.host {verb} {' '.join(units)} "
                                 "did not finish within 15 s")
+
+    def user_units_running(self, uid: int, units: Sequence[str]) -> set[str]:
+        self._user_call("show", uid, units)
+        return {u for u in units if self._user_active(uid, u)}
+
+    def _user_active(self, uid: int, unit: str) -> bool:
         path = self.root / UNIT_STATE / f"user-{uid}" / unit
         return path.exists() and path.read_text().strip() == "active"
 
-    def stop_user(self, uid: int, unit: str, timeout: float) -> None:
-        self.calls.append(("stop-user", f"{uid}:{unit}"))
-        self._user_spec(uid, unit, "stop")
-        self._set_user(uid, unit, False)
+    def stop_user(self, uid: int, units: Sequence[str], timeout: float) -> None:
+        self._user_jobs("stop", uid, units, False)
 
-    def start_user(self, uid: int, unit: str, timeout: float) -> None:
-        self.calls.append(("start-user", f"{uid}:{unit}"))
-        self._user_spec(uid, unit, "start")
-        self._set_user(uid, unit, True)
+    def start_user(self, uid: int, units: Sequence[str], timeout: float) -> None:
+        self._user_jobs("start", uid, units, True)
 
-    def _user_spec(self, uid: int, unit: str, verb: str) -> list:
-        if not self.user_manager_running(uid):
-            raise CommandFailed(f"systemctl --user --machine={uid}@.host {verb} {unit} failed: "
-                                "Failed to connect to bus: No medium found")
-        spec = load_world(self.root).get("user_units", {}).get(str(uid), {}).get(unit)
-        if spec is None:
-            raise CommandFailed(f"systemctl --user --machine={uid}@.host {verb} {unit} failed: "
-                                f"Unit {unit} not found.")
-        return spec
+    def _user_jobs(self, verb: str, uid: int, units: Sequence[str], active: bool) -> None:
+        """As systemctl does with several units: a job for each one it knows, then an error for the others."""
+        if not units:
+            return
+        self.calls.append((f"{verb}-user", f"{uid}:{' '.join(units)}"))
+        self._user_call(verb, uid, units)
+        known = load_world(self.root).get("user_units", {}).get(str(uid), {})
+        for unit in units:
+            if unit in known and self._fault and self._fault(f"{verb}-user", unit):
+                raise CommandFailed(f"injected fault: systemctl --user {verb} {unit}")
+            if unit in known:
+                self._set_user(uid, unit, active)
+        missing = [u for u in units if u not in known]
+        if missing:
+            raise CommandFailed(f"systemctl --user --machine={uid}@.host {verb} {' '.join(units)} failed: "
+                                f"Unit {missing[0]} not found.")
 
     def _set_user(self, uid: int, unit: str, active: bool) -> None:
         state = self.root / UNIT_STATE / f"user-{uid}" / unit
@@ -182,7 +205,7 @@ class FakeServices:
         # The user's last session gone: without linger, logind stops the user's manager (after
         # UserStopDelaySec; at once here).
         uid = world.get("sessions", {}).get(sid, {}).get("uid")
-        if uid is not None and not world.get("linger", {}).get(str(uid), True) and self.user_manager_running(uid):
+        if uid is not None and not world.get("linger", {}).get(str(uid), True) and self._manager_up(uid):
             others = [s for s, spec in world.get("sessions", {}).items()
                       if s != sid and spec["uid"] == uid and (self.root / "run/systemd/sessions" / s).exists()]
             if not others:
@@ -199,7 +222,7 @@ class FakeServices:
                 open_fd(self.root, pid, node, session_device_file(sid, node))
         for proc in world.get("session_processes", {}).get(sid, []):
             spawn_process(self.root, proc)
-        if str(spec["uid"]) in world.get("linger", {}) and not self.user_manager_running(spec["uid"]):
+        if str(spec["uid"]) in world.get("linger", {}) and not self._manager_up(spec["uid"]):
             self.start(f"user@{spec['uid']}.service", 0)
             self.calls.pop()
 

@@ -19,6 +19,11 @@ LOGIND_PID = 480
 UNIT_STATE = "run/fake-systemd"  # <unit>, user-<uid>/<unit>: "active" or "inactive"
 
 
+def manager_socket(uid: int) -> str:
+    """Where a running user manager has its private socket (a plain file here)."""
+    return f"run/user/{uid}/systemd/private"
+
+
 def session_device_file(sid: str, node: str) -> str:
     """The id of the one open file a session's device is while logind holds it for that session."""
     return f"session-{sid}:{node}"
