@@ -76,6 +76,10 @@ def _managed(vm: str, phase: tuple[str, str], xml: str, root: str, stderr, open_
             if spec.name != vm:
                 raise ConfigError(f"hook called for VM {_token(vm)} with the definition of VM {_token(spec.name)}")
             plan, report = janus.prepare(spec)
+            # What the start did not do and why (a host-wide setting skipped for this VM, a governor the
+            # cores lack): plan shows these; a real start leaves them in the log.
+            for note in plan.notes:
+                janus_log(f"VM {vm}: note: {note}")
             if report is not None:
                 total = sum(s.seconds for s in report.steps)
                 janus_log(f"VM {vm}: prepared {len(report.steps)} step(s) in {total * 1000:.0f} ms")

@@ -236,6 +236,16 @@ def test_plan_refuses_a_per_vm_request_without_cgroup_v2_and_skips_a_host_wide_o
     assert plan.notes == ("CPU isolation (cpu.isolate) skipped: this host has no cgroup v2 (unified) hierarchy",)
 
 
+def test_a_start_the_host_wide_setting_skips_says_why_in_the_hook_log(pinned):
+    h = pinned(cgroup2=False, config=CPU_ALL + "isolate = true\n")
+    before = h.snapshot()
+    assert h.hook("win11", "prepare", "begin", vm_xml(isolate=None)) == (0, "")
+    log = (h.root / "var/log/janus-hooks/hook.log").read_text()
+    assert "VM win11: note: CPU isolation (cpu.isolate) skipped: this host has no cgroup v2 (unified) hierarchy" in log
+    assert h.hook("win11", "release", "end", vm_xml(isolate=None)) == (0, "")
+    assert [k for k in diff(before, h.snapshot()) if not k.startswith("var/log/")] == []
+
+
 def test_host_wide_isolation_skips_unpinned_vms_and_a_vm_can_decline(pinned):
     h = pinned(config=CPU_ALL + "isolate = true\n")
     plan = _plan(h, domain_xml(mode="passthrough", vcpu="<vcpu>2</vcpu>"))
