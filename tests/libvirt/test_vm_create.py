@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import re
 import shutil
@@ -22,6 +23,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
+from janus_hooks.domain import parse_domain
 from janus_hooks.host import Host
 from janus_hooks.install import Identity, render_shim
 from janus_hooks.resources import data_file
@@ -33,7 +35,7 @@ from tests.libvirt.animator import KernelAnimator
 from tests.libvirt.conftest import PREFIX, QEMU_D, Libvirt, remove_domain, run, wait_for, write_executable
 from tests.libvirt.test_gpu_fake_root import AUDIO, DGPU, _amd_desktop
 from tests.vm.conftest import vm_facts
-from tests.vm.variants import VARIANTS, hosts, plan_of, xml_of
+from tests.vm.variants import SHARED_VARIANTS, VARIANTS, hosts, plan_of, xml_of
 
 pytestmark = pytest.mark.libvirt
 
@@ -117,10 +119,12 @@ def _volumes(conn) -> list[str]:
 def test_every_variant_validates_and_is_defined(libvirtd, loop_device, media, tmp_path):
     roots = hosts(tmp_path / "hosts", block=os.path.basename(loop_device))
     conn = libvirtd.conn
-    failures = []
-    for variant in VARIANTS:
+    failures, defined = [], []
+    variants = VARIANTS + SHARED_VARIANTS
+    assert len(VARIANTS) == 32 and len({v.slug for v in variants}) == 32 + 4
+    for variant in variants:
         name = f"{PREFIX}v-{variant.slug}"
-        plan = plan_of(variant, roots[variant.mode], name, media, loop_device)
+        plan = plan_of(variant, roots[variant.host], name, media, loop_device)
         xml = xml_of(plan, str(tmp_path / "pool"))
         path = tmp_path / f"{variant.slug}.xml"
         path.write_text(xml)
@@ -130,21 +134,31 @@ def test_every_variant_validates_and_is_defined(libvirtd, loop_device, media, tm
             continue
         try:
             dom = conn.defineXML(xml)
-            defined = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
-            assert (f"<name>{name}</name>" in defined and ("hugepages" in defined) == variant.hugepages
-                    and ("janus-hooks.org/xmlns/profile" in defined) == (variant.mode != "cpu-only"))
+            spec = parse_domain(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))  # as libvirtd keeps it
+            shown = (spec.name, spec.hugepages is not None, spec.mode, [h.address for h in spec.hostdevs],
+                     [d.uuid or d.vfs for d in spec.shared])
+            wanted = (name, variant.hugepages, None if variant.mode == "cpu-only" or variant.sharing == "virgl"
+                      else variant.mode, list(plan.gpu_functions) or ([plan.shared.vf_address] if plan.shared and
+                                                                       plan.shared.vf_address else []),
+                      [plan.shared.mdev_uuid or 1] if plan.shared and plan.shared.kind != "virgl" else [])
+            if shown != wanted:
+                failures.append(f"{variant.slug}: libvirtd keeps {shown}, expected {wanted}")
+            defined.append(variant.slug)
         except libvirt.libvirtError as err:
             failures.append(f"{variant.slug}: define: {err}")
         finally:
             failures += remove_domain(libvirtd, name)
     assert not failures, "\n".join(failures)
+    assert len(defined) == 32 + 4
 
 
 def test_cpu_only_guest_created_started_into_ovmf_and_deleted(libvirtd, pool, loop_device, media, tmp_path):
     name = PREFIX + "vm-cpu"
     password = tmp_path / "password"
     password.write_text("s3cret <&>\n")
-    created = _cli("create", name, "--mode", "cpu-only", "--iso", media, "--os", "win10", "--memory", "512MiB",
+    # Windows 11: the TPM 2.0 is Debian's swtpm, started by libvirtd with the guest. 4 GiB is Windows 11's
+    # minimum; QEMU only touches what OVMF uses of it.
+    created = _cli("create", name, "--mode", "cpu-only", "--iso", media, "--os", "win11", "--memory", "4GiB",
                    "--vcpus", "1", "--storage", "block", "--disk", loop_device, "--unattend-user", "alice",
                    "--unattend-password-file", str(password), "--pool", POOL, "--network", "user",
                    "--virt-type", "qemu", "--no-guided", "--apply", "--yes")
@@ -155,12 +169,18 @@ def test_cpu_only_guest_created_started_into_ovmf_and_deleted(libvirtd, pool, lo
     assert b"s3cret &lt;&amp;&gt;" in _file_in_iso(iso, "/Autounattend.xml")
     dom = libvirtd.conn.lookupByName(name)
     xml = dom.XMLDesc(0)
-    assert f"<source dev='{loop_device}'/>" in xml and "secure-boot" in xml
+    assert f"<source dev='{loop_device}'/>" in xml and "secure-boot" in xml and "<tpm model='tpm-crb'>" in xml
 
     console = Path(CONSOLE_LOG.format(name=name))
     console.unlink(missing_ok=True)
+    qemu_log = Path(f"/var/log/libvirt/qemu/{name}.log")
+    qemu_log.unlink(missing_ok=True)
     try:
         dom.create()
+        # libvirtd chose Debian's Secure Boot build of OVMF and gave QEMU the TPM of a running swtpm.
+        command = _text(qemu_log)
+        assert "/usr/share/OVMF/OVMF_CODE_4M.ms.fd" in command and "tpm-crb" in command, command
+        assert re.search(r"chardev[= ]socket,id=chrtpm,path=\S*swtpm", command), command
         # OVMF finds nothing to boot (an empty ISO, a blank disk) and offers its boot manager on the console.
         wait_for(lambda: "Boot Manager" in _text(console), BOOT_TIMEOUT, f"OVMF's boot manager on {console}")
         log = _text(console)
@@ -193,6 +213,10 @@ def test_passthrough_guest_start_reaches_the_janus_hook(libvirtd, janus, pool, m
          "--virt-type", "qemu", "--no-guided", "--apply", "--yes")
     dom = libvirtd.conn.lookupByName(name)
     assert f"{DGPU[5:7]}" in dom.XMLDesc(0) and "managed='no'" in dom.XMLDesc(0)
+    # The dry run of the hook, read from libvirtd's definition: what the hook's log must show it did.
+    planned = json.loads(run([CLI, "plan", name, "--root", str(root), "--json"], CLI_TIMEOUT).stdout)
+    steps = [a["description"] for a in planned["actions"]]
+    assert planned["refusal"] is None and f"bind {DGPU} to vfio-pci" in steps and f"bind {AUDIO} to vfio-pci" in steps
     # The hook as `janus-hooks install` renders it, acting on the fake tree (the only janus hook here).
     shim = QEMU_D / "janus-hooks-fakeroot"
     write_executable(shim, render_shim(data_file("hooks", "qemu").read_text(), Identity.current(root)))
@@ -207,32 +231,57 @@ def test_passthrough_guest_start_reaches_the_janus_hook(libvirtd, janus, pool, m
     assert "janus-hooks" not in str(err.value), err.value  # libvirt gave up on the device, not the hook
     assert not kernel.errors, kernel.errors
     log = (root / "var/log/janus-hooks/hook.log").read_text()
-    assert re.search(rf"VM {name}: prepared \d+ step", log), log
-    assert re.search(rf"VM {name}: released, \d+ change", log), log
+    done = re.findall(rf"janus_hooks.engine: VM {re.escape(name)}: (?!reverted )(.+) \([\d.]+ ms\)$", log, re.MULTILINE)
+    undone = re.findall(rf"janus_hooks.engine: VM {re.escape(name)}: reverted (.+) \([\d.]+ ms\)$", log, re.MULTILINE)
+    assert (done, undone) == (steps, steps[::-1]), log
+    assert re.search(rf"VM {name}: prepared {len(steps)} step", log), log
+    assert re.search(rf"VM {name}: released, {len(steps)} change", log), log
     for address in (DGPU, AUDIO):  # every function of the card went to vfio-pci, and came back
         assert (f"sys/bus/pci/devices/{address}/driver_override", "vfio-pci") in kernel.handled, kernel.handled
         assert (f"sys/bus/pci/devices/{address}/driver_override", "") in kernel.handled, kernel.handled
     assert not list((root / "var/lib/janus-hooks/journal").glob("*"))
 
 
-def test_existing_name_and_hostile_values_create_nothing(libvirtd, pool, media):
+def _everything(conn, *dirs: Path) -> tuple:
+    """What a run could make: domains, pools, every active pool's volumes, the files in ``dirs``."""
+    pools = sorted(conn.listAllStoragePools(0), key=lambda p: p.name())
+    for p in pools:
+        if p.isActive():
+            p.refresh(0)
+    return (sorted(d.name() for d in conn.listAllDomains(0)), [p.name() for p in pools],
+            [(p.name(), sorted(p.listVolumes())) for p in pools if p.isActive()],
+            [sorted(os.listdir(d)) if d.is_dir() else None for d in dirs])
+
+
+def test_existing_name_and_hostile_values_create_nothing(libvirtd, pool, media, tmp_path):
     name = PREFIX + "vm-twice"
-    base = ["--mode", "cpu-only", "--iso", media, "--os", "win10", "--memory", "512MiB", "--pool", POOL,
+    password = tmp_path / "password"
+    password.write_text("s3cret\n")
+    # What every refused run asks for: a disk volume, the unattend ISO and the VM, in the suite's pool.
+    base = ["--mode", "cpu-only", "--iso", media, "--os", "win10", "--memory", "512MiB", "--disk-size", "1GiB",
+            "--unattend-user", "alice", "--unattend-password-file", str(password), "--pool", POOL,
             "--network", "user", "--virt-type", "qemu", "--no-guided", "--apply", "--yes"]
-    _cli("create", name, *base)
+    made = _cli("create", name, *base)
+    assert f"Created volume {pool / name}.qcow2." in made.stdout and f"Created volume {pool / name}-unattend.iso." \
+        in made.stdout, made.stdout  # so the same flags would have made something each time below
     try:
-        before = (sorted(libvirtd.conn.listDefinedDomains()), _volumes(libvirtd.conn))
+        before = _everything(libvirtd.conn, pool, IMAGES)
+        assert f"{name}-unattend.iso" in before[3][0]
         for args, message in (
-            ([name, *base], f"a VM named '{name}' already exists at qemu:///system"),
-            ([PREFIX + "../x", *base], "is refused"),
+            ([name, *base], f"a VM named '{name}' already exists at qemu:///system; choose another name"),
+            ([PREFIX + "../x", *base], f"VM name '{PREFIX}../x' is refused"),
+            ([PREFIX + "it's", *base], f"VM name \"{PREFIX}it's\" is refused"),
+            ([PREFIX + 'say"hi', *base], f"VM name '{PREFIX}say\"hi' is refused"),
             ([PREFIX + "x", *base, "--iso", "/nonexistent.iso"], "installation ISO /nonexistent.iso does not exist"),
-            ([PREFIX + "x", *base, "--storage", "block", "--disk", _root_disk()], "holds the host's root"),
-            ([PREFIX + "x", *base, "--memory", "64TiB"], "of RAM is more than this host has"),
+            ([PREFIX + "x", *base, "--storage", "block", "--disk", _root_disk()],
+             f"{_root_disk()} holds the host's root filesystem"),
+            ([PREFIX + "x", *base, "--memory", "64TiB"], "64 TiB of RAM is more than this host has"),
         ):
             proc = _cli("create", *args, check=False)
-            assert proc.returncode == 1 and message in proc.stderr, (args, proc.stderr)
+            assert proc.returncode == 1 and proc.stderr.startswith(f"janus-hooks: {message}"), (args, proc.stderr)
             assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-        assert (sorted(libvirtd.conn.listDefinedDomains()), _volumes(libvirtd.conn)) == before
+            assert "Created" not in proc.stdout, proc.stdout
+            assert _everything(libvirtd.conn, pool, IMAGES) == before, args
     finally:
         _cli("delete", name, "--storage", "--yes")
 

@@ -12,7 +12,7 @@ import pytest
 from janus_hooks.domain import PROFILE_NS, parse_domain
 from janus_hooks.host import Host
 from janus_hooks.vm.request import resolve
-from tests.vm.variants import DGPU, IGPU, NVIDIA, VARIANTS, hosts, plan_of, xml_of
+from tests.vm.variants import DGPU, IGPU, NVIDIA, SHARED_VARIANTS, VARIANTS, hosts, plan_of, xml_of
 
 POOL = "/var/lib/libvirt/images"
 
@@ -31,7 +31,7 @@ def iso(tmp_path_factory):
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v.slug)
 def test_variant_has_what_its_profile_promises(variant, roots, iso):
-    plan = plan_of(variant, roots[variant.mode], "win-" + variant.slug, iso, "/dev/sdb")
+    plan = plan_of(variant, roots[variant.host], "win-" + variant.slug, iso, "/dev/sdb")
     xml = xml_of(plan, POOL)
     spec = parse_domain(xml)
     root = ElementTree.fromstring(xml)
@@ -63,17 +63,46 @@ def test_variant_has_what_its_profile_promises(variant, roots, iso):
 @pytest.mark.skipif(shutil.which("virt-xml-validate") is None or shutil.which("xmllint") is None,
                     reason="virt-xml-validate (libvirt-clients) and xmllint (libxml2-utils) are not installed")
 def test_every_variant_validates_against_libvirts_schema(roots, iso, tmp_path):
-    failures = []
-    for variant in VARIANTS:
+    failures, validated = [], 0
+    assert len(VARIANTS) == 4 * 2 * 2 * 2 and len({v.slug for v in VARIANTS + SHARED_VARIANTS}) == 32 + 4
+    for variant in VARIANTS + SHARED_VARIANTS:
         for virt_type in ("kvm", "qemu"):
-            plan = plan_of(variant, roots[variant.mode], "win-" + variant.slug, iso, "/dev/sdb", virt_type)
+            plan = plan_of(variant, roots[variant.host], "win-" + variant.slug, iso, "/dev/sdb", virt_type)
             path = tmp_path / f"{variant.slug}-{virt_type}.xml"
             path.write_text(xml_of(plan, POOL))
             proc = subprocess.run(["virt-xml-validate", str(path), "domain"], capture_output=True, text=True,
                                   timeout=60, check=False)
             if proc.returncode != 0:
                 failures.append(f"{path.name}: {proc.stdout}{proc.stderr}")
+            validated += "validates" in proc.stdout + proc.stderr
     assert not failures, "\n".join(failures)
+    assert validated == 2 * (32 + 4)
+
+
+@pytest.mark.parametrize("variant", SHARED_VARIANTS, ids=lambda v: v.slug)
+def test_shared_vram_without_a_mediated_device(variant, roots, iso):
+    xml = xml_of(plan_of(variant, roots[variant.host], "shared", iso, "/dev/sdb"), POOL)
+    spec = parse_domain(xml)
+    root = ElementTree.fromstring(xml)
+    assert (spec.hugepages is not None) == variant.hugepages
+    if variant.sharing == "vf":
+        # VF 0 of the iGPU (sriov_offset 1): libvirt binds it (managed), janus-hooks enables it on prepare.
+        hostdev = root.find("devices/hostdev[@type='pci']")
+        assert hostdev.get("managed") == "yes"
+        assert [h.address for h in spec.hostdevs] == ["0000:0c:00.1"]
+        assert spec.mode == "shared-vram" and [(d.parent, d.vfs) for d in spec.shared] == [(IGPU, 1)]
+        assert root.find("devices/video/model").get("type") == "none"
+        assert root.find("devices/tpm") is not None
+    else:
+        # Linux: virtio-gpu with 3D on the host's GPU, nothing for janus-hooks to do at start (no profile).
+        model = root.find("devices/video/model")
+        assert (model.get("type"), model.find("acceleration").get("accel3d")) == ("virtio", "yes")
+        assert root.find("devices/graphics/gl").get("enable") == "yes"
+        assert spec.mode is None and not spec.hostdevs
+        assert root.find("devices/tpm") is None and root.find("features/hyperv") is None
+        assert root.find("clock").get("offset") == "utc"
+        assert root.find("devices/disk[@device='cdrom']/source").get("file") == iso
+        assert len(root.findall("devices/disk[@device='cdrom']")) == 1
 
 
 def test_pinned_vcpus_and_no_stealth(roots, iso, tmp_path):
