@@ -7,6 +7,7 @@ import io
 import json
 import sys
 from pathlib import Path
+from xml.etree import ElementTree
 
 import libvirt
 import pytest
@@ -390,3 +391,34 @@ def test_list_shows_a_shared_vram_guest_with_the_gpu_it_shares(two_gpus, conn):
     finally:
         for name in ("shared", "virgl"):
             assert run(two_gpus.root, "delete", name, "--storage", "--yes").exit_code == 0
+
+
+def test_an_existing_image_is_used_as_it_is_and_never_deleted(two_gpus, conn, tmp_path):
+    qcow2, raw = tmp_path / "old.qcow2", tmp_path / "old.img"
+    qcow2.write_bytes(b"QFI\xfb" + b"\0" * 4092)
+    raw.write_bytes(b"\0" * 4096)
+    volumes = _volumes(conn)
+    base = ["--mode", "cpu-only", "--iso", two_gpus.iso, "--os", "win10", "--virt-type", "qemu", "--network", "user",
+            "--pool", POOL]
+    dry = run(two_gpus.root, "create", "raw", *base, "--disk", str(raw))
+    assert f"disk:      {raw} (raw, existing)" in dry.output
+    # RAM and vCPUs from the host's size: half of its 31.25 GiB in whole GiB, half of its 8 CPUs.
+    assert "VM raw: win10, cpu-only, 15 GiB RAM, 4 vCPU(s), qemu" in dry.output
+    made = run(two_gpus.root, "create", "img", *base, "--disk", str(qcow2), "--apply", "--yes")
+    assert made.exit_code == 0, made.output
+    assert f"disk:      {qcow2} (qcow2, existing)" in made.output and "Created volume" not in made.output
+    dom = conn.lookupByName("img")
+    disk = ElementTree.fromstring(dom.XMLDesc(0)).find("devices/disk[@device='disk']")
+    assert (disk.find("source").get("file"), disk.find("driver").get("type")) == (str(qcow2), "qcow2")
+    assert _volumes(conn) == volumes
+    dom.create()
+    try:
+        running = run(two_gpus.root, "delete", "img", "--storage", "--yes")
+        assert running.exit_code == 1 and running.stderr == "janus-hooks: VM 'img' is running; shut it down first\n"
+        assert "img" in conn.listDefinedDomains() or dom.isActive()
+    finally:
+        dom.destroy()
+    dry_delete = run(two_gpus.root, "delete", "img", "--storage")
+    assert "  undefine VM img" in dry_delete.output and "delete volume" not in dry_delete.output
+    assert run(two_gpus.root, "delete", "img", "--storage", "--yes").exit_code == 0
+    assert qcow2.read_bytes().startswith(b"QFI\xfb") and "img" not in conn.listDefinedDomains()

@@ -172,3 +172,16 @@ def test_stealth_says_its_trade_off(two_gpus):
     plan = resolve(_request(two_gpus), two_gpus.host)
     assert any("Windows ignores the Hyper-V enlightenments" in n and "465" in n for n in plan.notes)
     assert not any("stealth" in n for n in resolve(_request(two_gpus, stealth=False), two_gpus.host).notes)
+
+
+def test_gpu_audio_goes_with_the_gpu_only_from_its_iommu_group(two_gpus):
+    b = HostBuilder(two_gpus.root)
+    b.pci("0000:0c:00.6", "0x1002", "0x1640", "0x040300", "snd_hda_intel", 13)  # the iGPU's HDMI audio
+    found = resolve(_request(two_gpus), two_gpus.host).gpu_functions
+    named = resolve(_request(two_gpus, gpu_audio="0000:03:00.1"), two_gpus.host).gpu_functions
+    assert found == named == (DGPU, "0000:03:00.1")
+    with pytest.raises(VmError, match=r"--gpu-audio 0000:0c:00.6 is in IOMMU group 13, the GPU in 3: it must go "
+                                      "with its own group"):
+        resolve(_request(two_gpus, gpu_audio="0000:0c:00.6"), two_gpus.host)
+    with pytest.raises(VmError, match=r"no PCI device 0000:0d:00.1 on this host \(--gpu-audio\)"):
+        resolve(_request(two_gpus, gpu_audio="0000:0d:00.1"), two_gpus.host)

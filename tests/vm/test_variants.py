@@ -47,6 +47,8 @@ def test_variant_has_what_its_profile_promises(variant, roots, iso):
         "/dev/sdb" if variant.storage == "block" else f"{POOL}/win-{variant.slug}.qcow2")
     cdroms = [d.find("source").get("file") for d in root.findall("devices/disk[@device='cdrom']")]
     assert cdroms == [iso] + ([f"{POOL}/win-{variant.slug}-unattend.iso"] if variant.unattend else [])
+    assert root.find("os/type").get("machine") == "q35" and root.find("os").get("firmware") == "efi"
+    assert disk.find("target").get("bus") == "virtio" and root.find("devices/interface/model").get("type") == "virtio"
     assert root.find("os/firmware/feature[@name='secure-boot']").get("enabled") == "yes"
     assert root.find("devices/tpm/backend").get("version") == "2.0"
     stealth = root.find("features/kvm/hidden") is not None
