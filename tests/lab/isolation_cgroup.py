@@ -8,6 +8,11 @@ OpenRC does with its unified hierarchy), puts a process in a service group and a
 end``) for a VM pinned to core 1 with ``isolate="yes"`` (libvirt plays no part: the point is the kernel's
 cpuset and IRQ files written directly). Everything is read from the real kernel. Results go to
 $LAB_OUT/isolation-cgroup.json.
+
+With ``power-lost`` then ``rebooted`` (two boots sharing /var/lib/janus-hooks): the first prepares and never
+releases; the second finds the journal of an earlier boot, and ``janus-hooks rollback --all --boot`` must
+close it and leave the new boot's cgroups, IRQs and masks as they are. Results: isolation-power-lost.json,
+isolation-rebooted.json.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import scenario
 from scenario import say
 
 VM = "lab-cgroup"
+JOURNAL = Path("/var/lib/janus-hooks/journal") / f"{VM}.jsonl"
 CGROUP = Path("/sys/fs/cgroup")
 GROUPS = ("services", "machine")  # a service group janus-hooks narrows, libvirt's group it must not touch
 CONFIG = """\
@@ -79,7 +85,8 @@ def hook(*args: str) -> dict:
     return {"status": proc.returncode, "stderr": proc.stderr.strip()}
 
 
-def main() -> int:
+def setup() -> dict[str, int]:
+    """cgroup v2 with cpuset for the top-level groups and a process in each group, as this boot's init made them."""
     if not (CGROUP / "cgroup.controllers").exists():
         scenario.run(["mount", "-t", "cgroup2", "none", str(CGROUP)])
     (CGROUP / "cgroup.subtree_control").write_text("+cpuset")
@@ -92,25 +99,76 @@ def main() -> int:
     for private in ("/var/lib/janus-hooks", "/var/log/janus-hooks"):
         if Path(private).is_dir():
             os.chmod(private, 0o700)
+    return sleepers
+
+
+def cli(*args: str) -> dict:
+    proc = subprocess.run([str(scenario.VENV_BIN / "janus-hooks"), *args], capture_output=True, text=True,
+                          timeout=180, check=False)
+    return {"status": proc.returncode, "stdout": proc.stdout.strip(), "stderr": proc.stderr.strip()}
+
+
+def journal_records() -> list[dict]:
+    return ([json.loads(line) for line in JOURNAL.read_text().splitlines() if line.strip()]
+            if JOURNAL.exists() else [])
+
+
+def write_result(name: str, result: dict, sleepers: dict[str, int]) -> None:
+    scenario.OUT.mkdir(parents=True, exist_ok=True)
+    (scenario.OUT / name).write_text(json.dumps(result, indent=1, sort_keys=True))
+    for pid in sleepers.values():
+        os.kill(pid, 9)
+
+
+def power_lost() -> int:
+    """First boot: the VM's prepare isolates core 1, then the host loses power (no release)."""
+    sleepers = setup()
+    scenario.run([str(scenario.VENV_BIN / "janus-hooks"), "install", "--yes"])
+    Path("/etc/janus-hooks/janus.toml").write_text(CONFIG)
+    result = {"boot_id": read("/proc/sys/kernel/random/boot_id"), "before": host_state(sleepers),
+              "prepare": hook("prepare", "begin")}
+    result["journal"] = journal_records()
+    result["during"] = host_state(sleepers)
+    say(f"power lost with the journal open: {result['during']['cpuset']}")
+    write_result("isolation-power-lost.json", result, sleepers)
+    return 0
+
+
+def rebooted() -> int:
+    """Second boot, the journal kept on disk: nothing isolated survived; the boot-time rollback closes the
+    journal without a write to the new boot's kernel state."""
+    sleepers = setup()
+    result = {"boot_id": read("/proc/sys/kernel/random/boot_id"), "journal_before": journal_records(),
+              "before": host_state(sleepers), "journal": cli("journal")}
+    result["rollback"] = cli("rollback", "--all", "--boot")
+    say(f"rollback --all --boot: {result['rollback']}")
+    result["after"] = host_state(sleepers)
+    result["journal_open_after"] = JOURNAL.exists()
+    write_result("isolation-rebooted.json", result, sleepers)
+    return 0
+
+
+def main() -> int:
+    phase = sys.argv[1] if len(sys.argv) > 1 else "run"
+    if phase == "power-lost":
+        return power_lost()
+    if phase == "rebooted":
+        return rebooted()
+    sleepers = setup()
     scenario.run([str(scenario.VENV_BIN / "janus-hooks"), "install", "--yes"])
     Path("/etc/janus-hooks/janus.toml").write_text(CONFIG)
     result: dict = {"before": host_state(sleepers)}
     say(f"before: {result['before']['cpuset']} processes {result['before']['process_cpus']}")
     result["prepare"] = hook("prepare", "begin")
     say(f"prepare begin: {result['prepare']}")
-    journal = Path("/var/lib/janus-hooks/journal") / f"{VM}.jsonl"
-    result["journal"] = ([json.loads(line) for line in journal.read_text().splitlines() if line.strip()]
-                         if journal.exists() else [])
+    result["journal"] = journal_records()
     result["during"] = host_state(sleepers)
     say(f"during: {result['during']['cpuset']} processes {result['during']['process_cpus']}")
     result["release"] = hook("release", "end")
-    result["journal_open_after"] = journal.exists()
+    result["journal_open_after"] = JOURNAL.exists()
     result["after"] = host_state(sleepers)
     say(f"after: {result['after']['cpuset']} processes {result['after']['process_cpus']}")
-    scenario.OUT.mkdir(parents=True, exist_ok=True)
-    (scenario.OUT / "isolation-cgroup.json").write_text(json.dumps(result, indent=1, sort_keys=True))
-    for pid in sleepers.values():
-        os.kill(pid, 9)
+    write_result("isolation-cgroup.json", result, sleepers)
     return 0
 
 

@@ -14,7 +14,7 @@ import pytest
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from lab import run_in_lab  # noqa: E402
+from lab import new_out_dir, run_in_lab  # noqa: E402
 
 pytestmark = pytest.mark.lab
 
@@ -72,3 +72,35 @@ def test_release_puts_everything_back(cgroup_run):
     # online core, which is what its empty cpuset meant; its processes may run everywhere again.
     assert after["cpuset"] == {"services": "0-1", "machine": ""}
     assert {k: v for k, v in after.items() if k != "cpuset"} == {k: v for k, v in before.items() if k != "cpuset"}
+
+
+def test_after_a_power_loss_the_next_boot_closes_the_journal_and_touches_nothing():
+    """Two boots sharing /var/lib/janus-hooks (the host's disk): the first isolates core 1 and never releases;
+    on the second, a real boot of the kernel, nothing of it is left, and the boot-time rollback closes the
+    journal as already gone with the reboot, writing nothing."""
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.fail("qemu-system-x86_64 is missing: run scripts/bootstrap")
+    state = new_out_dir()
+    fresh = tuple(p for p in FRESH if p != "/var/lib/janus-hooks")
+    runs = {}
+    for phase in ("power-lost", "rebooted"):
+        result = run_in_lab([".venv/bin/python", "tests/lab/isolation_cgroup.py", phase], timeout=300, fresh=fresh,
+                            state=state, persistent=("/var/lib/janus-hooks",))
+        path = result.out_dir / f"isolation-{phase}.json"
+        assert path.exists(), f"boot '{phase}' wrote no results: {result.message}\n{result.output[-4000:]}"
+        runs[phase] = json.loads(path.read_text())
+    lost, rebooted = runs["power-lost"], runs["rebooted"]
+    assert lost["prepare"] == {"status": 0, "stderr": ""}
+    assert lost["during"]["cpuset"]["services"] == "0"
+    steps = [r for r in lost["journal"] if r.get("type") == "intent"]
+    assert len(steps) >= 4 and rebooted["journal_before"] == lost["journal"]
+    assert rebooted["boot_id"] != lost["boot_id"]
+    # The new boot's kernel: nothing of the first boot's isolation.
+    assert rebooted["before"]["cpuset"] == {"services": "", "machine": ""}
+    assert rebooted["before"]["process_cpus"] == {"services": "0-1", "machine": "0-1"}
+    assert "(an EARLIER boot)" in rebooted["journal"]["stdout"], rebooted["journal"]
+    assert rebooted["rollback"]["status"] == 0, rebooted["rollback"]
+    assert (f"VM 'lab-cgroup': 0 change(s) reverted, {len(steps)} already gone with the reboot; the journal is "
+            "closed.") in rebooted["rollback"]["stdout"]
+    assert rebooted["journal_open_after"] is False
+    assert rebooted["after"] == rebooted["before"]
