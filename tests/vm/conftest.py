@@ -29,9 +29,14 @@ def _firmware(root: Path, secure: bool = True) -> None:
 
 
 def vm_facts(root: Path, secure: bool = True, swtpm: bool = True) -> Path:
-    """CPUs 0-7, 32 GB RAM (the builder's meminfo), OVMF descriptors, swtpm and five disks:
+    """CPUs 0-7, 32 GB RAM (the builder's meminfo), an empty 2 MiB hugepage pool, OVMF descriptors, swtpm and
+    five disks:
     sda (sda1 on /, sda2 swap), sdb free, sdc1 under LVM dm-0 on /home, sdd under RAID md0, sde swap."""
     write(root / "sys/devices/system/cpu/online", "0-7\n")
+    pool = root / "sys/kernel/mm/hugepages/hugepages-2048kB"
+    if not pool.is_dir():  # the kernel's default pool, empty (a tree built with hugepages keeps its own)
+        for name in ("nr_hugepages", "free_hugepages"):
+            write(pool / name, "0\n")
     _firmware(root, secure)
     if swtpm:
         write(root / "usr/bin/swtpm", "#!/bin/sh\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import replace
 from xml.etree import ElementTree
 
@@ -185,3 +186,11 @@ def test_gpu_audio_goes_with_the_gpu_only_from_its_iommu_group(two_gpus):
         resolve(_request(two_gpus, gpu_audio="0000:0c:00.6"), two_gpus.host)
     with pytest.raises(VmError, match=r"no PCI device 0000:0d:00.1 on this host \(--gpu-audio\)"):
         resolve(_request(two_gpus, gpu_audio="0000:0d:00.1"), two_gpus.host)
+
+
+def test_hugepages_on_a_kernel_without_a_pool_of_its_default_size(two_gpus):
+    assert resolve(_request(two_gpus, hugepages=True), two_gpus.host).request.hugepages
+    shutil.rmtree(two_gpus.root / "sys/kernel/mm/hugepages/hugepages-2048kB")
+    with pytest.raises(VmError, match=r"--hugepages: this host's kernel has no 2048 kB hugepage pool "):
+        resolve(_request(two_gpus, hugepages=True), two_gpus.host)
+    assert not resolve(_request(two_gpus), two_gpus.host).request.hugepages
