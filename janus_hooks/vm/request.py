@@ -146,7 +146,7 @@ def resolve(request: VmRequest, host: Host, config: Config | None = None) -> VmP
         size = host.default_hugepage_kb()  # libvirt's <hugepages/> without a size: the kernel's default size
         if size not in host.hugepage_sizes():
             raise VmError(f"--hugepages: this host's kernel has no {size} kB hugepage pool "
-                          f"(/sys/kernel/mm/hugepages/hugepages-{size}kB); leave hugepages off")
+                          f"({host.hugepage_dir(size, None)}); leave hugepages off")
         notes.append(f"hugepages: janus-hooks reserves {human_size(memory)} of hugepages when the VM starts and "
                      "frees them when it stops" if request.mode in ("passthrough", "single-gpu")
                      or (shared is not None and shared.kind != "virgl") else
