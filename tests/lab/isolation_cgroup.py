@@ -168,6 +168,15 @@ def main() -> int:
     result["journal_open_after"] = JOURNAL.exists()
     result["after"] = host_state(sleepers)
     say(f"after: {result['after']['cpuset']} processes {result['after']['process_cpus']}")
+    # The VM's core taken offline (CPU hotplug): the start is refused naming it, nothing changes.
+    online = Path("/sys/devices/system/cpu/cpu1/online")
+    online.write_text("0")
+    try:
+        result["offline"] = {"online": read("/sys/devices/system/cpu/online"), "prepare": hook("prepare", "begin"),
+                             "journal_open": JOURNAL.exists(), "state": host_state(sleepers)}
+    finally:
+        online.write_text("1")
+    say(f"core 1 offline: {result['offline']['prepare']}")
     write_result("isolation-cgroup.json", result, sleepers)
     return 0
 

@@ -74,6 +74,19 @@ def test_release_puts_everything_back(cgroup_run):
     assert {k: v for k, v in after.items() if k != "cpuset"} == {k: v for k, v in before.items() if k != "cpuset"}
 
 
+def test_a_start_pinned_to_an_offline_core_is_refused_and_changes_nothing(cgroup_run):
+    offline = cgroup_run["offline"]
+    assert offline["online"] == "0"
+    assert offline["prepare"]["status"] == 1
+    line = offline["prepare"]["stderr"]
+    assert line.startswith("janus-hooks: ") and "\n" not in line
+    assert line.endswith("VM 'lab-cgroup' is pinned to cores 1, which are offline"), line
+    assert offline["journal_open"] is False
+    # Read with core 1 offline: the kernel's own view then; what janus-hooks could have changed is as it was.
+    for key in ("cpuset", "default_smp_affinity", "workqueue_cpumask", "writeback_cpumask", "subtree_control"):
+        assert offline["state"][key] == cgroup_run["after"][key], key
+
+
 def test_after_a_power_loss_the_next_boot_closes_the_journal_and_touches_nothing():
     """Two boots sharing /var/lib/janus-hooks (the host's disk): the first isolates core 1 and never releases;
     on the second, a real boot of the kernel, nothing of it is left, and the boot-time rollback closes the
