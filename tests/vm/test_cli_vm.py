@@ -199,12 +199,17 @@ def test_missing_flags_without_a_terminal_create_nothing(two_gpus, conn, args, m
     assert _everything(conn) == before
 
 
-def test_guided_flow_through_a_pseudo_terminal(two_gpus, tmp_path):
+def _guided(vm_host, name: str, *flags: str):
+    """``vm create NAME`` on a pseudo-terminal (the installed command, as a person runs it)."""
     pexpect = pytest.importorskip("pexpect")
     cli_path = str(Path(sys.executable).with_name("janus-hooks"))
-    child = pexpect.spawn(cli_path, ["vm", "create", "guided", "--root", str(two_gpus.root), "--connect", TEST_URI,
-                                     "--virt-type", "qemu", "--network", "user", "--pool", POOL],
-                          encoding="utf-8", timeout=60, dimensions=(50, 200))
+    return pexpect, pexpect.spawn(cli_path, ["vm", "create", name, "--root", str(vm_host.root), "--connect", TEST_URI,
+                                             "--virt-type", "qemu", "--network", "user", "--pool", POOL, *flags],
+                                  encoding="utf-8", timeout=60, dimensions=(50, 200))
+
+
+def test_guided_flow_through_a_pseudo_terminal(two_gpus, tmp_path):
+    pexpect, child = _guided(two_gpus, "guided")
     try:
         child.expect("Step 1 of 3")
         child.expect("Installation ISO: ")
@@ -281,14 +286,10 @@ def test_a_missing_default_pool_is_created_and_taken_back_on_failure(two_gpus, c
 
 
 def test_guided_account_password_is_read_without_echo(two_gpus):
-    pexpect = pytest.importorskip("pexpect")
-    cli_path = str(Path(sys.executable).with_name("janus-hooks"))
     secret = "Tr0ub4dor&3"
-    child = pexpect.spawn(cli_path, ["vm", "create", "unattended", "--root", str(two_gpus.root), "--connect",
-                                     TEST_URI, "--mode", "cpu-only", "--iso", two_gpus.iso, "--os", "win11",
-                                     "--memory", "4GiB", "--vcpus", "1", "--no-hugepages", "--storage", "file",
-                                     "--disk-size", "1GiB", "--virt-type", "qemu", "--network", "user",
-                                     "--pool", POOL], encoding="utf-8", timeout=60, dimensions=(50, 200))
+    pexpect, child = _guided(two_gpus, "unattended", "--mode", "cpu-only", "--iso", two_gpus.iso, "--os", "win11",
+                             "--memory", "4GiB", "--vcpus", "1", "--no-hugepages", "--storage", "file",
+                             "--disk-size", "1GiB")
     # Everything read from the terminal, the terminal's own echo of what was typed included.
     transcript = io.StringIO()
     child.logfile_read = transcript
@@ -314,11 +315,7 @@ def test_guided_account_password_is_read_without_echo(two_gpus):
 
 
 def test_guided_answers_the_host_cannot_serve_are_asked_again_with_the_reason(two_gpus, conn):
-    pexpect = pytest.importorskip("pexpect")
-    cli_path = str(Path(sys.executable).with_name("janus-hooks"))
-    child = pexpect.spawn(cli_path, ["vm", "create", "asked", "--root", str(two_gpus.root), "--connect", TEST_URI,
-                                     "--virt-type", "qemu", "--network", "user", "--pool", POOL],
-                          encoding="utf-8", timeout=60, dimensions=(50, 200))
+    pexpect, child = _guided(two_gpus, "asked")
     before = _everything(conn)
     try:
         child.expect("Installation ISO: ")
