@@ -17,7 +17,7 @@ import pytest
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from lab import run_in_lab  # noqa: E402
+from lab import STALL_AFTER, run_in_lab_again_if_stalled  # noqa: E402
 
 pytestmark = pytest.mark.lab
 
@@ -30,8 +30,9 @@ GPU, AUDIO, SECOND_GPU = "0000:00:02.0", "0000:00:02.1", "0000:00:06.0"
 def desktop():
     if shutil.which("qemu-system-x86_64") is None:
         pytest.fail("qemu-system-x86_64 is missing: run scripts/bootstrap")
-    result = run_in_lab([".venv/bin/python", "tests/lab/desktop.py", "all"], timeout=1200, fresh=FRESH,
-                        flavour="desktop")
+    # Every step of the scenarios is bounded at 300 s or less and says what it does.
+    result = run_in_lab_again_if_stalled([".venv/bin/python", "tests/lab/desktop.py", "all"], 1200, STALL_AFTER,
+                                         fresh=FRESH, flavour="desktop")
     path = result.out_dir / "desktop-all.json"
     data = json.loads(path.read_text()) if path.exists() else {}
     data["_lab"] = {"returncode": result.returncode, "message": result.message, "output": result.output[-4000:],

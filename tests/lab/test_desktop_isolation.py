@@ -18,7 +18,7 @@ import pytest
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from lab import run_in_lab  # noqa: E402
+from lab import STALL_AFTER, run_in_lab_again_if_stalled  # noqa: E402
 
 pytestmark = pytest.mark.lab
 
@@ -33,8 +33,9 @@ PINNED = "lab-pinned"  # managed, not isolated, pinned to core 2 while both run
 def isolated():
     if shutil.which("qemu-system-x86_64") is None:
         pytest.fail("qemu-system-x86_64 is missing: run scripts/bootstrap")
-    result = run_in_lab([".venv/bin/python", "tests/lab/isolation.py"], timeout=1200, fresh=FRESH, flavour="desktop",
-                        smp=3)
+    # Every step of the scenario is bounded at 300 s or less and says what it does.
+    result = run_in_lab_again_if_stalled([".venv/bin/python", "tests/lab/isolation.py"], 1200, STALL_AFTER,
+                                         fresh=FRESH, flavour="desktop", smp=3)
     path = result.out_dir / "isolation.json"
     assert path.exists(), f"the scenario wrote no results: {result.message}\n{result.output[-4000:]}"
     data = json.loads(path.read_text())

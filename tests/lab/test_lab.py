@@ -103,3 +103,16 @@ def test_cli_reads_the_real_host(lab_results):
     assert cli["plan_status"] == 0 and cli["plan_refusal"] is None
     assert cli["plan_kinds"] == ["allocate-hugepages", "display-commands", "wait-released", "unbind-vtconsole",
                                  "unload-module", "load-module", "load-module", "bind-vfio"]
+
+
+def test_a_command_that_falls_silent_ends_as_stalled_and_one_that_speaks_does_not():
+    # Lines 15 s apart are progress; then 120 s of silence with the run's timeout far away.
+    script = "for i in 1 2 3; do echo step $i; sleep 15; done; echo last words; sleep 120; echo never"
+    silent = run_in_lab(["bash", "-c", script], timeout=300, stall_after=25)
+    assert silent.stalled and silent.returncode == 124, silent
+    assert "no console output for 25 s after 'last words'" in silent.message, silent.message
+    assert "step 3" in silent.output and "never" not in silent.output
+    assert silent.total_seconds < 240, silent.total_seconds
+    speaking = run_in_lab(["bash", "-c", "for i in 1 2 3; do echo step $i; sleep 15; done"], timeout=300,
+                          stall_after=25)
+    assert (speaking.stalled, speaking.returncode, speaking.message) == (False, 0, ""), speaking
