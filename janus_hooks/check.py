@@ -362,7 +362,7 @@ def cpu_checks(host: Host, config: Config, claims: dict[str, frozenset[int]],
                                                "hierarchy: VMs start without CPU isolation"))
     elif not claims and not pinned:
         return []
-    held = frozenset().union(*claims.values()) if claims else frozenset()
+    held = frozenset().union(*claims.values())
     cores_of = {**pinned, **claims}
     for vm, cores in sorted(cores_of.items()):
         if vm in claims:

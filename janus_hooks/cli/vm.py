@@ -146,10 +146,16 @@ def create(env: Env, name: str, root: Path, mode: str | None, gpu: str | None, g
     made = env.libvirt(uri, False, lambda conn: vmapply.create(conn, plan, target, place, xml, iso_data))
     for item in made:
         click.echo(f"Created {item}.")
-    click.echo(f"Next: open virt-manager, select {request.name!r} and press Run" + (
-        " (janus-hooks frees the GPU when it starts)." if plan.managed else
-        f" (janus-hooks makes its {'mediated device' if plan.shared.kind == 'mdev' else 'virtual function'} when "
-        "it starts)." if plan.shared and plan.shared.kind != "virgl" else "."))
+    click.echo(f"Next: open virt-manager, select {request.name!r} and press Run{_what_a_start_does(plan)}.")
+
+
+def _what_a_start_does(plan: VmPlan) -> str:
+    if plan.managed:
+        return " (janus-hooks frees the GPU when it starts)"
+    if plan.shared is None or plan.shared.kind == "virgl":
+        return ""
+    made = "mediated device" if plan.shared.kind == "mdev" else "virtual function"
+    return f" (janus-hooks makes its {made} when it starts)"
 
 
 def _path(text: str | None, flag: str) -> str | None:
